@@ -1,0 +1,135 @@
+"""``llmcc.compile``: model in, verified CompiledModule out."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import onnx
+
+from llmcc import pipeline as pipeline_mod
+from llmcc.errors import BuildFailure, LlmccError, VerificationFailure
+from llmcc.frontend import onnx_import
+from llmcc.module import CompiledModule
+from llmcc.targets import resolve
+
+log = logging.getLogger("llmcc")
+
+QUANT_SCHEMES = ("none",)  # the quantization registry lands with its issue; "none" keeps fp32 weights
+
+
+def _versions() -> dict:
+    import tvm
+
+    from llmcc import __version__
+
+    return {"llmcc": __version__, "tvm": tvm.__version__}
+
+
+def compile(model, *, target: str = "cpu", quant: str = "none", example_inputs=None, verify: bool = True,
+            seed: int | None = None, debug: bool = False) -> CompiledModule:  # noqa: A001 (the API's name)
+    """Compile an ONNX file, ModelProto or torch.nn.Module for ``target``; verified unless ``verify=False``."""
+    if quant not in QUANT_SCHEMES:
+        raise LlmccError(f"unknown quantization '{quant}'; choose one of: {', '.join(QUANT_SCHEMES)}")
+    spec = resolve(target)
+    timings: dict[str, float] = {}
+
+    start = time.perf_counter()
+    if isinstance(model, (str, Path, onnx.ModelProto)):
+        proto = onnx_import.load_model(model)
+        source = str(model) if not isinstance(model, onnx.ModelProto) else "<onnx.ModelProto>"
+    elif type(model).__module__.startswith("torch") or hasattr(model, "forward"):
+        from llmcc.frontend.torch_trace import trace
+
+        proto = trace(model, example_inputs)
+        source = f"<torch {type(model).__name__}>"
+        timings["trace"] = time.perf_counter() - start
+        start = time.perf_counter()
+    else:
+        raise LlmccError(f"cannot compile a {type(model).__name__}: pass an ONNX path, an onnx.ModelProto or a "
+                         f"torch.nn.Module")
+    inputs, outputs = onnx_import.graph_signature(proto)
+    mod = onnx_import.import_model(proto)
+    timings["import"] = time.perf_counter() - start
+
+    result = pipeline_mod.run(mod, spec, pipeline_mod.PipelineOptions(debug=debug))
+    timings.update(result.timings)
+
+    start = time.perf_counter()
+    executable = _build(result.mod, spec)
+    timings["build"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    workdir = Path(tempfile.mkdtemp(prefix="llmcc-"))
+    library = workdir / "model.so"
+    try:
+        executable.export_library(str(library))
+    except Exception as exc:
+        raise BuildFailure(f"cannot link the compiled library for {spec.name}: "
+                           f"{str(exc).strip().splitlines()[-1][:300]}") from None
+    timings["export"] = time.perf_counter() - start
+
+    report = {
+        "source": source,
+        "target": spec.name,
+        "target_detail": spec.to_json(),
+        "quant": {"scheme": quant},
+        "inputs": [s.to_json() for s in inputs],
+        "outputs": [s.to_json() for s in outputs],
+        "passes": [{"name": p["name"], "phase": p["phase"], "rewrites": p["rewrites"]} for p in result.passes],
+        "verify": {"passed": None, "reason": "skipped (--no-verify)"},
+        "timings": timings,
+    }
+    if spec.is_gpu:
+        from llmcc import cuda
+
+        report["cuda_binary"] = cuda.cuda_binary_info(library)
+    manifest = {
+        "versions": _versions(),
+        "target": spec.to_json(),
+        "inputs": report["inputs"],
+        "outputs": report["outputs"],
+        "weights": {"tensors": [{"name": name} for name, _ in result.weights]},
+        "report": report,
+    }
+    module = CompiledModule(manifest, library, [w for _, w in result.weights], owned_dir=workdir)
+
+    if verify:
+        if spec.is_gpu and not _gpu_present():
+            report["verify"] = {"passed": None, "reason": "not run: no GPU on this machine; the same passes are "
+                                "verified on CPU by compiling with --target cpu, CUDA numerics by "
+                                "tools/gpu_check.py on a GPU"}
+        else:
+            start = time.perf_counter()
+            from llmcc.verify import verify as run_verify
+
+            report["verify"] = run_verify(module, proto, seed=seed)
+            timings["verify"] = time.perf_counter() - start
+            if not report["verify"]["passed"]:
+                v = report["verify"]
+                raise VerificationFailure(
+                    f"compiled module disagrees with {v['reference']}: relative error {v['rel_err']:.3g} > "
+                    f"tolerance {v['tolerance']:.3g} (max abs {v['max_abs_err']:.3g}); nothing was written")
+    return module
+
+
+def _gpu_present() -> bool:
+    import tvm
+
+    return bool(tvm.cuda(0).exist)
+
+
+def _build(mod, spec):
+    import tvm
+
+    if spec.is_gpu:
+        from llmcc import cuda
+
+        return cuda.build(mod, spec.arch, pipeline=None)
+    try:
+        return tvm.compile(mod, target=spec.tvm_target(), relax_pipeline=None)
+    except Exception as exc:
+        raise BuildFailure(f"code generation for {spec.name} failed: "
+                           f"{str(exc).strip().splitlines()[-1][:300]}") from None

@@ -1,0 +1,153 @@
+"""The pass pipeline: what runs between ONNX import and code generation, in phases.
+
+    graph     llmcc's graph passes on the imported Relax (attention fusion, LoRA merge land here)
+    quantize  weight quantization (lands here)
+    weights   weights become parameters, stored beside the library
+    lower     ops become TIR PrimFuncs, fused
+    schedule  schedule rules from llmcc.schedules for the target
+    finalize  TVM's dataflow lowering and memory planning for the VM
+
+Each phase is a function returning its pass list; ``run`` applies them in order, timing each phase and recording
+every pass's rewrite count for the report. ``debug=True`` checks the IR is well formed after each phase.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import tvm
+from tvm import relax
+
+from llmcc.errors import BuildFailure
+from llmcc.passes import TvmPass
+from llmcc.passes.lift_weights import LiftWeights
+from llmcc.targets import TargetSpec
+
+log = logging.getLogger("llmcc")
+
+
+@dataclass
+class PipelineOptions:
+    debug: bool = False  # well-formedness check after every phase
+
+
+@dataclass
+class PipelineResult:
+    mod: tvm.IRModule
+    weights: list            # [(name, np.ndarray)] in parameter order after the user inputs
+    passes: list = field(default_factory=list)   # [{"name", "phase", "rewrites"}]
+    timings: dict = field(default_factory=dict)  # phase -> seconds
+
+
+def _count_calls(mod, op_name: str) -> int:
+    n = 0
+    for _, func in mod.functions.items():
+        if isinstance(func, relax.Function):
+            def visit(e):
+                nonlocal n
+                if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) and e.op.name == op_name:
+                    n += 1
+            relax.analysis.post_order_visit(func.body, visit)
+    return n
+
+
+def _count_bindings(mod) -> int:
+    n = 0
+    for _, func in mod.functions.items():
+        if isinstance(func, relax.Function):
+            def visit(e):
+                nonlocal n
+                if isinstance(e, relax.Call):
+                    n += 1
+            relax.analysis.post_order_visit(func.body, visit)
+    return n
+
+
+def _prim_funcs(mod) -> list:
+    return [f for _, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
+
+
+def _scheduled(mod) -> int:
+    return sum(1 for f in _prim_funcs(mod) if f.attrs is not None and f.attrs.get("tirx.is_scheduled", False))
+
+
+def graph_phase(target: TargetSpec, options: PipelineOptions) -> list:
+    return [
+        TvmPass("fold_constants", relax.transform.FoldConstant,
+                lambda a, b: max(_count_bindings(a) - _count_bindings(b), 0)),
+    ]
+
+
+def quantize_phase(target: TargetSpec, options: PipelineOptions) -> list:
+    return []
+
+
+def weights_phase(target: TargetSpec, options: PipelineOptions) -> list:
+    return [LiftWeights()]
+
+
+def lower_phase(target: TargetSpec, options: PipelineOptions) -> list:
+    return [
+        TvmPass("dispatch_sampling", relax.backend.DispatchSampling),
+        TvmPass("dispatch_sort_scan", relax.backend.DispatchSortScan),
+        TvmPass("legalize_ops", relax.transform.LegalizeOps, lambda a, b: _count_calls(b, "relax.call_tir")),
+        TvmPass("annotate_op_pattern", relax.transform.AnnotateTIROpPattern),
+        TvmPass("fold_lowered_constants", relax.transform.FoldConstant,
+                lambda a, b: max(_count_bindings(a) - _count_bindings(b), 0)),
+        TvmPass("fuse_ops", relax.transform.FuseOps,
+                lambda a, b: max(len(_prim_funcs(a)) - _count_calls(b, "relax.call_tir"), 0)),
+        TvmPass("fuse_tir", relax.transform.FuseTIR, lambda a, b: len(_prim_funcs(b))),
+    ]
+
+
+def schedule_phase(target: TargetSpec, options: PipelineOptions) -> list:
+    from llmcc.schedules import rules_for
+
+    rules = rules_for(target)
+    if not rules:
+        return []
+    from tvm.s_tir import dlight as dl
+
+    return [TvmPass("apply_schedule_rules", lambda: dl.ApplyDefaultSchedule(*rules),
+                    lambda a, b: _scheduled(b) - _scheduled(a))]
+
+
+def finalize_phase(target: TargetSpec, options: PipelineOptions) -> list:
+    t = relax.transform
+    passes = [t.RewriteDataflowReshape, t.ToNonDataflow, t.RemovePurityChecking, t.CallTIRRewrite,
+              t.StaticPlanBlockMemory]
+    if target.is_gpu:
+        passes.append(t.RewriteCUDAGraph)
+    passes += [t.LowerAllocTensor, t.KillAfterLastUse, t.LowerRuntimeBuiltin, t.ComputePrimValue, t.VMShapeLower,
+               t.AttachGlobalSymbol]
+    return [TvmPass(p.__name__, p) for p in passes]
+
+
+PHASES = [("graph", graph_phase), ("quantize", quantize_phase), ("weights", weights_phase),
+          ("lower", lower_phase), ("schedule", schedule_phase), ("finalize", finalize_phase)]
+
+
+def run(mod: tvm.IRModule, target: TargetSpec, options: PipelineOptions | None = None) -> PipelineResult:
+    """Apply every phase to ``mod`` for ``target``; the result is ready for code generation."""
+    options = options or PipelineOptions()
+    result = PipelineResult(mod=mod, weights=[])
+    with target.tvm_target():
+        for phase, make_passes in PHASES:
+            start = time.perf_counter()
+            for p in make_passes(target, options):
+                try:
+                    result.mod = p(result.mod)
+                except Exception as exc:
+                    msg = str(exc).strip().splitlines()
+                    raise BuildFailure(f"pass {p.name} ({phase} phase) failed for target {target.name}: "
+                                       f"{msg[-1] if msg else type(exc).__name__}") from None
+                result.passes.append({"name": p.name, "phase": phase, "rewrites": int(p.rewrites)})
+                if isinstance(p, LiftWeights):
+                    result.weights = p.weights
+            result.timings[phase] = time.perf_counter() - start
+            log.info("phase %s: %.2fs", phase, result.timings[phase])
+            if options.debug and not relax.analysis.well_formed(result.mod):
+                raise BuildFailure(f"IR is not well formed after the {phase} phase")
+    return result

@@ -1,0 +1,20 @@
+"""Schedule rules: dlight-style rules that turn each lowered PrimFunc into a scheduled one.
+
+A rule gets a PrimFunc and a target and returns a schedule or None; rules are tried in order, a fallback last.
+``rules_for`` is the one place the pipeline asks which rules apply to a target.
+
+Today: TVM's dlight GPU rules for CUDA (matmul, GEMV, reductions, fallback) and none on the CPU, where TVM's
+default lowering runs the unscheduled loops. llmcc's own tiling rules slot in here.
+"""
+
+from __future__ import annotations
+
+from llmcc.targets import TargetSpec
+
+
+def rules_for(target: TargetSpec) -> list:
+    from tvm.s_tir import dlight as dl
+
+    if target.is_gpu:
+        return [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
+    return []
