@@ -12,6 +12,7 @@ import onnx
 from llmcc import pipeline as pipeline_mod
 from llmcc.errors import BuildFailure, LlmccError, VerificationFailure
 from llmcc.frontend import onnx_import
+from llmcc.inputs import index_bounds
 from llmcc.module import CompiledModule
 from llmcc.targets import resolve
 
@@ -92,6 +93,7 @@ def compile(model, *, target: str = "cpu", quant: str = "none", example_inputs=N
         "inputs": report["inputs"],
         "outputs": report["outputs"],
         "weights": {"tensors": [{"name": name} for name, _ in result.weights]},
+        "index_bounds": index_bounds(proto),
         "report": report,
     }
     module = CompiledModule(manifest, library, [w for _, w in result.weights], owned_dir=workdir)

@@ -69,6 +69,12 @@ def _prim_funcs(mod) -> list:
     return [f for _, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
 
 
+def _fused_groups(mod) -> int:
+    """Relax functions FuseOps made: each holds several ops that FuseTIR turns into one kernel."""
+    return sum(1 for _, f in mod.functions.items()
+               if isinstance(f, relax.Function) and f.attrs is not None and int(f.attrs.get("Primitive", 0)) == 1)
+
+
 def _scheduled(mod) -> int:
     return sum(1 for f in _prim_funcs(mod) if f.attrs is not None and f.attrs.get("tirx.is_scheduled", False))
 
@@ -96,9 +102,8 @@ def lower_phase(target: TargetSpec, options: PipelineOptions) -> list:
         TvmPass("annotate_op_pattern", relax.transform.AnnotateTIROpPattern),
         TvmPass("fold_lowered_constants", relax.transform.FoldConstant,
                 lambda a, b: max(_count_bindings(a) - _count_bindings(b), 0)),
-        TvmPass("fuse_ops", relax.transform.FuseOps,
-                lambda a, b: max(len(_prim_funcs(a)) - _count_calls(b, "relax.call_tir"), 0)),
-        TvmPass("fuse_tir", relax.transform.FuseTIR, lambda a, b: len(_prim_funcs(b))),
+        TvmPass("fuse_ops", relax.transform.FuseOps, lambda a, b: _fused_groups(b)),
+        TvmPass("fuse_tir", relax.transform.FuseTIR, lambda a, b: _fused_groups(a) - _fused_groups(b)),
     ]
 
 

@@ -1,0 +1,5 @@
+import sys
+
+from llmcc.cli import main
+
+sys.exit(main())

@@ -1,0 +1,218 @@
+"""The ``llmcc`` command: a thin layer over the Python API.
+
+    llmcc compile model.onnx --target cuda --quant none -o model.llmcc
+    llmcc run model.llmcc --random | --input input_ids=ids.npy
+    llmcc inspect model.llmcc [--json]
+    llmcc demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def _targets() -> list[str]:
+    from llmcc.targets import TARGETS
+
+    return list(TARGETS)
+
+
+def _quant_schemes() -> list[str]:
+    from llmcc.compiler import QUANT_SCHEMES
+
+    return list(QUANT_SCHEMES)
+
+
+def _parse_dims(text: str | None) -> dict[str, int]:
+    from llmcc.errors import LlmccError
+
+    dims = {}
+    for item in filter(None, (text or "").split(",")):
+        name, _, value = item.partition("=")
+        if not value.isdigit():
+            raise LlmccError(f"--dims: '{item}' is not NAME=INT")
+        dims[name.strip()] = int(value)
+    return dims
+
+
+def cmd_compile(args) -> int:
+    import llmcc
+    from llmcc.errors import LlmccError
+
+    src = Path(args.model)
+    out = Path(args.output) if args.output else src.with_suffix(".llmcc")
+    if out.resolve() == src.resolve():
+        raise LlmccError(f"-o {out}: that is the input model; choose another output path")
+    module = llmcc.compile(src, target=args.target, quant=args.quant, verify=not args.no_verify, seed=args.seed,
+                           debug=args.debug)
+    module.save(out)
+    _print_summary(module.report, out)
+    return 0
+
+
+def _print_summary(report: dict, path) -> None:
+    v = report["verify"]
+    if v.get("passed") is None:
+        verdict = f"not verified: {v.get('reason')}"
+    else:
+        verdict = (f"{'PASSED' if v['passed'] else 'FAILED'} vs {v['reference']}: rel err {v['rel_err']:.2e}, "
+                   f"max abs {v['max_abs_err']:.2e} over {len(v.get('cases', []))} input sizes")
+    fired = [f"{p['name']}={p['rewrites']}" for p in report["passes"] if p["rewrites"]]
+    print(f"wrote {path}  target={report['target']}  verify: {verdict}")
+    print(f"passes that rewrote: {', '.join(fired) or 'none'}")
+    print("timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in report["timings"].items()))
+    if "cuda_binary" in report:
+        cb = report["cuda_binary"]
+        print(f"CUDA binary: SASS {cb.get('sass_archs')}, PTX {cb.get('ptx_archs')}")
+
+
+def _load_inputs(module, args) -> dict:
+    import numpy as np
+
+    from llmcc.errors import LlmccError
+    from llmcc.inputs import dim_settings, random_inputs
+
+    feed = {}
+    for item in args.input or []:
+        name, _, file = item.partition("=")
+        if not file:
+            raise LlmccError(f"--input '{item}': expected NAME=FILE.npy")
+        try:
+            feed[name] = np.load(file)
+        except (OSError, ValueError) as exc:
+            raise LlmccError(f"--input {name}={file}: cannot read ({exc})") from None
+    if args.random or not feed:
+        dims = dim_settings(module.inputs, 1)[0]
+        dims.update({k: 16 for k in dims if "batch" not in k.lower()})
+        dims.update(_parse_dims(args.dims))
+        for spec in module.inputs:  # sizes of the given inputs bind their symbolic dims
+            if spec.name in feed and feed[spec.name].ndim == len(spec.shape):
+                dims.update({d: n for d, n in zip(spec.shape, feed[spec.name].shape) if isinstance(d, str)})
+        rnd = random_inputs(module.inputs, dims, np.random.default_rng(args.seed), module.manifest.get("index_bounds"))
+        feed = {**rnd, **feed}
+    return feed
+
+
+def cmd_run(args) -> int:
+    import numpy as np
+
+    import llmcc
+
+    module = llmcc.load(args.artifact)
+    feed = _load_inputs(module, args)
+    outs = module.run(**feed)  # first call: loads weights, warms up
+    times = []
+    for _ in range(args.repeat):
+        start = time.perf_counter()
+        outs = module.run(**feed)
+        times.append(time.perf_counter() - start)
+    for name, value in feed.items():
+        print(f"input  {name}: {value.dtype} {list(value.shape)}")
+    for name, value in outs.items():
+        print(f"output {name}: {value.dtype} {list(value.shape)}  mean {float(np.mean(value)):.4g}")
+    print(f"latency: median {1e3 * float(np.median(times)):.3f} ms over {len(times)} runs")
+    if args.save_outputs:
+        np.savez(args.save_outputs, **outs)
+        print(f"wrote {args.save_outputs}")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from llmcc import artifact
+
+    manifest = artifact.read_manifest(args.artifact)
+    report = manifest["report"]
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return 0
+    print(f"artifact  {args.artifact}  (llmcc {manifest['versions']['llmcc']}, TVM {manifest['versions']['tvm']})")
+    print(f"target    {report['target']}")
+    for kind in ("inputs", "outputs"):
+        for spec in report[kind]:
+            print(f"{kind[:-1]:<9} {spec['name']}: {spec['dtype']}{spec['shape']}")
+    print(f"library   {manifest['library']['file']} {manifest['library']['bytes']} bytes "
+          f"sha256 {manifest['library']['sha256'][:16]}...")
+    print(f"weights   {len(manifest['weights']['tensors'])} tensors, {manifest['weights']['bytes']} bytes")
+    print("passes    " + ", ".join(f"{p['name']}({p['rewrites']})" for p in report["passes"]))
+    v = report["verify"]
+    if v.get("passed") is None:
+        print(f"verify    not verified: {v.get('reason')}")
+    else:
+        print(f"verify    {'passed' if v['passed'] else 'FAILED'} vs {v['reference']}: rel err {v['rel_err']:.2e}, "
+              f"max abs {v['max_abs_err']:.2e}, sizes {v.get('cases')}")
+    if "cuda_binary" in report:
+        print(f"cuda      {report['cuda_binary']}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from llmcc.demo import demo
+
+    return demo(cuda=not args.no_cuda, model=args.model)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmcc", description="Compile LLM inference graphs with Apache TVM.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("compile", help="compile an ONNX model into an artifact")
+    p.add_argument("model", help="the ONNX file")
+    p.add_argument("--target", default="cpu", choices=_targets())
+    p.add_argument("--quant", default="none", choices=_quant_schemes())
+    p.add_argument("-o", "--output", help="artifact folder (default: MODEL with suffix .llmcc)")
+    p.add_argument("--no-verify", action="store_true", help="skip the check against onnxruntime")
+    p.add_argument("--seed", type=int, default=None, help="seed of the verification inputs (default: fresh)")
+    p.add_argument("--debug", action="store_true", help="check the IR is well formed after every phase")
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("run", help="run an artifact on given or random inputs")
+    p.add_argument("artifact")
+    p.add_argument("--input", action="append", metavar="NAME=FILE.npy")
+    p.add_argument("--random", action="store_true", help="random inputs for every input not given")
+    p.add_argument("--dims", help="sizes of symbolic dims for random inputs, e.g. batch=1,sequence=128")
+    p.add_argument("--repeat", type=int, default=10)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--save-outputs", metavar="FILE.npz")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("inspect", help="what an artifact holds and what the compiler did")
+    p.add_argument("artifact")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("demo", help="compile a built-in model, run it, verify it")
+    p.add_argument("--model", default="llama-gqa", help="zoo model to use")
+    p.add_argument("--no-cuda", action="store_true", help="skip the CUDA cross-compile")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from llmcc.errors import LlmccError
+
+    try:
+        return args.func(args)
+    except LlmccError as exc:
+        print(f"llmcc: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("llmcc: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug in llmcc, not the user's input
+        if os.environ.get("LLMCC_TRACEBACK"):
+            raise
+        lines = str(exc).strip().splitlines()
+        print(f"llmcc: internal error: {type(exc).__name__}: {lines[-1] if lines else ''} "
+              f"(set LLMCC_TRACEBACK=1 for the traceback, and please report it)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
