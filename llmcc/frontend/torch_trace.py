@@ -41,7 +41,7 @@ def trace(module, example_inputs, *, dynamic: bool = True) -> onnx.ModelProto:
     """Export ``module`` called on ``example_inputs`` to ONNX; symbolic batch and sequence dims when it allows."""
     import torch
 
-    if not isinstance(example_inputs, (tuple, list)):
+    if example_inputs is not None and not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
     if not example_inputs:
         raise ImportFailure("compiling a torch module needs example_inputs=(tensor, ...)")
