@@ -80,6 +80,7 @@ def compile(model, *, target: str = "cpu", quant: str = "none", example_inputs=N
         "inputs": [s.to_json() for s in inputs],
         "outputs": [s.to_json() for s in outputs],
         "passes": [{"name": p["name"], "phase": p["phase"], "rewrites": p["rewrites"]} for p in result.passes],
+        "kernels": result.kernels,
         "verify": {"passed": None, "reason": "skipped (--no-verify)"},
         "timings": timings,
     }

@@ -22,6 +22,7 @@ from tvm import relax
 
 from llmcc.errors import BuildFailure
 from llmcc.passes import TvmPass
+from llmcc.passes.apply_schedule_rules import ApplyScheduleRules
 from llmcc.passes.lift_weights import LiftWeights
 from llmcc.targets import TargetSpec
 
@@ -38,6 +39,7 @@ class PipelineResult:
     mod: tvm.IRModule
     weights: list            # [(name, np.ndarray)] in parameter order after the user inputs
     passes: list = field(default_factory=list)   # [{"name", "phase", "rewrites"}]
+    kernels: list = field(default_factory=list)  # [{"name", "rule"}] for scheduled targets
     timings: dict = field(default_factory=dict)  # phase -> seconds
 
 
@@ -65,18 +67,10 @@ def _count_bindings(mod) -> int:
     return n
 
 
-def _prim_funcs(mod) -> list:
-    return [f for _, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
-
-
 def _fused_groups(mod) -> int:
     """Relax functions FuseOps made: each holds several ops that FuseTIR turns into one kernel."""
     return sum(1 for _, f in mod.functions.items()
                if isinstance(f, relax.Function) and f.attrs is not None and int(f.attrs.get("Primitive", 0)) == 1)
-
-
-def _scheduled(mod) -> int:
-    return sum(1 for f in _prim_funcs(mod) if f.attrs is not None and f.attrs.get("tirx.is_scheduled", False))
 
 
 def graph_phase(target: TargetSpec, options: PipelineOptions) -> list:
@@ -111,12 +105,7 @@ def schedule_phase(target: TargetSpec, options: PipelineOptions) -> list:
     from llmcc.schedules import rules_for
 
     rules = rules_for(target)
-    if not rules:
-        return []
-    from tvm.s_tir import dlight as dl
-
-    return [TvmPass("apply_schedule_rules", lambda: dl.ApplyDefaultSchedule(*rules),
-                    lambda a, b: _scheduled(b) - _scheduled(a))]
+    return [ApplyScheduleRules(rules)] if rules else []
 
 
 def finalize_phase(target: TargetSpec, options: PipelineOptions) -> list:
@@ -151,6 +140,8 @@ def run(mod: tvm.IRModule, target: TargetSpec, options: PipelineOptions | None =
                 result.passes.append({"name": p.name, "phase": phase, "rewrites": int(p.rewrites)})
                 if isinstance(p, LiftWeights):
                     result.weights = p.weights
+                if isinstance(p, ApplyScheduleRules):
+                    result.kernels = p.kernels
             result.timings[phase] = time.perf_counter() - start
             log.info("phase %s: %.2fs", phase, result.timings[phase])
             if options.debug and not relax.analysis.well_formed(result.mod):

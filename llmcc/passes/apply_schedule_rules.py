@@ -1,0 +1,66 @@
+"""apply_schedule_rules: give every unscheduled PrimFunc a schedule from llmcc.schedules' rules.
+
+Rules are tried in order (dlight style: ``rule.apply(func, target, tunable) -> Schedule | None``). Unlike dlight's
+ApplyDefaultSchedule, a rule that raises on a kernel it claimed (dlight's reduction rule does on some decode
+kernels: "The reduction block vars are not used to index the output buffers") counts as declining it, and the next
+rule, ending with the fallback, gets the kernel. ``self.kernels`` records which rule scheduled each kernel.
+
+Before::
+
+    @T.prim_func
+    def fused_matmul(A: T.Buffer((n, 128)), B: T.Buffer((128, 128)), C: T.Buffer((n, 128))): ...   # plain loops
+
+After::
+
+    @T.prim_func
+    def fused_matmul(...):
+        T.func_attr({"tirx.is_scheduled": True})
+        for i0_0 in T.thread_binding(..., thread="blockIdx.x"): ...                                # tiled, bound
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import s_tir, tirx
+
+from llmcc.passes import LlmccPass
+
+
+def _is_scheduled(func) -> bool:
+    return func.attrs is not None and bool(func.attrs.get("tirx.is_scheduled", False))
+
+
+class ApplyScheduleRules(LlmccPass):
+    name = "apply_schedule_rules"
+
+    def __init__(self, rules: list) -> None:
+        super().__init__()
+        self.rules = rules
+        self.kernels: list[dict] = []  # [{"name", "rule"}]
+
+    def _schedule(self, func, target):
+        for rule in self.rules:
+            try:
+                space = rule.apply(func, target, False)
+            except Exception:  # the rule claimed a kernel it cannot handle: let the next rule have it
+                continue
+            if space is None:
+                continue
+            sch = space if isinstance(space, s_tir.Schedule) else space[0]
+            return sch.mod["main"].with_attr("tirx.is_scheduled", True), type(rule).__name__
+        return None, None
+
+    def transform(self, mod):
+        target = tvm.target.Target.current()
+        self.kernels = []
+        updated = {}
+        for gvar, func in mod.functions_items():
+            if not isinstance(func, tirx.PrimFunc) or _is_scheduled(func):
+                continue
+            new_func, rule = self._schedule(func, target)
+            self.kernels.append({"name": gvar.name_hint, "rule": rule or "none"})
+            if new_func is not None:
+                updated[gvar] = new_func
+        for gvar, func in updated.items():
+            mod[gvar] = func
+        return mod, len(updated)
