@@ -1,0 +1,39 @@
+"""tools/ scripts start and write what they promise (smoke runs; no timing is asserted)."""
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def _run(*args, timeout=900):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, env=env,
+                          timeout=timeout, cwd=ROOT)
+
+
+def test_gpu_check_dry_run(tmp_path):
+    r = _run(ROOT / "tools" / "gpu_check.py", "--dry-run", "--out", tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    data = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert data["target"] == "cpu"
+    (row,) = data["rows"]
+    assert row["model"] == "llama" and row["passed"] and row["rel_err_vs_torch"] <= 1e-4
+    assert "| llama |" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_gpu_check_without_gpu_says_so():
+    r = _run(ROOT / "tools" / "gpu_check.py")
+    assert r.returncode == 2 and "no usable GPU here" in r.stderr
+
+
+def test_bench_quick_writes_json_and_markdown(tmp_path):
+    r = _run(ROOT / "tools" / "bench.py", "--quick", "--out", tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    data = json.loads((tmp_path / "results.json").read_text())
+    (row,) = data["rows"]
+    assert {"llmcc_ms", "onnxruntime_ms", "torch_ms", "err_llmcc", "err_onnxruntime"} <= set(row)
+    assert row["err_llmcc"] <= 1e-5 and row["verify"] is True
+    assert "| llama | 1 x 16 |" in (tmp_path / "results.md").read_text()
