@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,9 +32,33 @@ def _versions() -> dict:
     return {"llmcc": __version__, "tvm": tvm.__version__}
 
 
+@contextlib.contextmanager
+def _quiet_native_warnings():
+    """TVM's C++ code logs warnings straight to file descriptor 2 ("Fast mode segfaults when there are
+    out-of-bounds indices", one per gather); they say nothing to a user. LLMCC_VERBOSE=1 keeps them."""
+    if os.environ.get("LLMCC_VERBOSE"):
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def compile(model, *, target: str = "cpu", quant: str = "none", example_inputs=None, verify: bool = True,
             seed: int | None = None, debug: bool = False) -> CompiledModule:  # noqa: A001 (the API's name)
     """Compile an ONNX file, ModelProto or torch.nn.Module for ``target``; verified unless ``verify=False``."""
+    with _quiet_native_warnings():
+        return _compile(model, target=target, quant=quant, example_inputs=example_inputs, verify=verify, seed=seed,
+                        debug=debug)
+
+
+def _compile(model, *, target, quant, example_inputs, verify, seed, debug) -> CompiledModule:
     if quant not in QUANT_SCHEMES:
         raise LlmccError(f"unknown quantization '{quant}'; choose one of: {', '.join(QUANT_SCHEMES)}")
     spec = resolve(target)

@@ -121,6 +121,13 @@ class CompiledModule:
                     dims.setdefault(want, (got, spec.name))
                 elif want != got:
                     raise InputError(f"input '{spec.name}': dim {axis} is {got}, the model takes {want}")
+            bound = self.manifest.get("index_bounds", {}).get(spec.name)
+            if bound is not None and np.prod(shape) > 0:
+                # Out-of-range ids would read outside the embedding table: TVM's gather does not check.
+                low, high = int(value.min()), int(value.max())
+                if low < -bound or high >= bound:
+                    raise InputError(f"input '{spec.name}': values must lie in [0, {bound}) (the table it indexes "
+                                     f"has {bound} rows); got min {low}, max {high}")
 
     def _run(self, args, kwargs) -> list:
         import tvm

@@ -50,6 +50,7 @@ def test_run_returns_outputs_by_name(tiny_module):
     (lambda f: {**f, "input_ids": f["input_ids"][0]}, "input 'input_ids': rank 1"),
     (lambda f: {**f, "mask": f["mask"][:, :2]}, "input 'mask': dim 1 (sequence) is 2"),
     (lambda f: {**f, "mask": [[1.0]]}, "input 'mask': expected a numpy array or torch tensor"),
+    (lambda f: {**f, "input_ids": f["input_ids"] + 50}, "input 'input_ids': values must lie in [0, 50)"),
 ])
 def test_bad_inputs_name_the_culprit(tiny_module, mutate, message):
     feed = tiny_feed(np.random.default_rng(), 2, 4)

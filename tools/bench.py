@@ -87,6 +87,14 @@ def bench_model(name: str, seq: int | None, batch: int, repeat: int, threads: in
     }
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.machine()
+
+
 def markdown(rows: list[dict], meta: dict) -> str:
     head = ("| model | batch x seq | llmcc ms | onnxruntime ms | torch ms | llmcc / ORT | llmcc / torch | "
             "err llmcc | err ORT | compile s |\n|---|---|---|---|---|---|---|---|---|---|\n")
@@ -125,7 +133,7 @@ def main(argv=None) -> int:
         r = rows[-1]
         print(f"  llmcc {r['llmcc_ms']:.2f} ms, onnxruntime {r['onnxruntime_ms']:.2f} ms, torch {r['torch_ms']:.2f} ms",
               flush=True)
-    meta = {"machine": f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)",
+    meta = {"machine": f"{_cpu_name()} ({os.cpu_count()} cores)",
             "threads": args.threads, "repeat": args.repeat,
             "command": "python tools/bench.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     out = Path(args.out)
