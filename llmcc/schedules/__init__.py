@@ -3,8 +3,9 @@
 A rule gets a PrimFunc and a target and returns a schedule or None; rules are tried in order, a fallback last.
 ``rules_for`` is the one place the pipeline asks which rules apply to a target.
 
-Today: TVM's dlight GPU rules for CUDA (matmul, GEMV, reductions, fallback) and none on the CPU, where TVM's
-default lowering runs the unscheduled loops. llmcc's own tiling rules slot in here.
+CUDA: TVM's dlight GPU rules (matmul, GEMV, reductions, fallback). CPU (llvm): llmcc's own rules in
+``llmcc.schedules.cpu`` (register-tiled matmul/GEMV, row-parallel reductions, parallel+vectorized fallback), sized
+by ``llmcc.schedules.cpu_model.CpuModel``.
 """
 
 from __future__ import annotations
@@ -17,4 +18,6 @@ def rules_for(target: TargetSpec) -> list:
 
     if target.is_gpu:
         return [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
-    return []
+    from llmcc.schedules.cpu import CpuFallback, CpuMatmul, CpuReduction
+
+    return [CpuMatmul(), CpuReduction(), CpuFallback()]

@@ -1,0 +1,364 @@
+"""llmcc's CPU schedule rules (dlight style): matmul/GEMV, row reductions, injective fallback.
+
+Each rule is ``apply(func, target, tunable) -> s_tir.Schedule | None`` (None: declined). Sizes come from
+``CpuModel.get(target)`` only. Symbolic extents (batch, sequence) are split with ``factors=[None, tile]``, which
+TVM guards with a predicate when the tile does not divide the extent, so one schedule serves every sequence length.
+
+CpuMatmul, for ``C[..., m, n] += A[..., m, k] * B[..., k, n]`` (B's last axis is C's last axis; A does not use n)
+with at most one injective epilogue (bias, residual add, SiLU gate...) after FuseTIR::
+
+    for batch_m_n_tile in T.parallel(B * ceil(M / MR) * ceil(N / NR)):    # MR x NR accumulator tile
+        for mi, nv in T.unroll(MR), T.unroll(NV): for lane in T.vectorized(L): acc[mi, nv*L + lane] = 0
+        for k in range(K):
+            for mi in T.unroll(MR):
+                for nv in T.unroll(NV):
+                    for lane in T.vectorized(L): acc[mi, nv*L+lane] += A[m, k] * B[k, n]   # broadcast x vector FMA
+        for mi, n in ...: for lane in T.vectorized(L): C[m, n] = epilogue(acc[mi, n])
+
+M = 1 (decode GEMV) is the same schedule with MR = 1, parallel over the N tiles (and batch).
+
+CpuReduction: softmax, layer/RMS norm, mean: parallel over the rows (the reduction's leading spatial axes), every
+block of the kernel computed per row, injective stages vectorized.
+
+CpuFallback: injective kernels (elementwise, transpose, broadcast, concat...): outer loops fused and parallel,
+innermost axis vectorized; other kernels get their leading spatial loops parallel.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm.sym.analyzer import Analyzer
+from tvm import s_tir, tirx
+
+from llmcc.schedules.cpu_model import CpuModel
+
+
+def _analysis():
+    from tvm.s_tir.dlight.analysis import normalize_prim_func
+    from tvm.s_tir.dlight.base import try_inline_contiguous_spatial
+
+    return normalize_prim_func, try_inline_contiguous_spatial
+
+
+def _is_cpu(target) -> bool:
+    return target is not None and target.kind.name == "llvm"
+
+
+def _static(e) -> int | None:
+    if isinstance(e, int):
+        return e
+    if isinstance(e, tirx.IntImm):
+        return int(e.value)
+    return None
+
+
+def _loop_extent(sch: s_tir.Schedule, loop) -> int | None:
+    return _static(sch.get(loop).extent)
+
+
+def _nominal(e) -> int | None:
+    """A typical value of a symbolic extent: batch dims count 1, other dims (sequence, past) count 128, so a decode
+    kernel over [batch, 1, hidden] stays single-threaded while a prefill kernel over [batch, sequence, hidden] does
+    not."""
+    analyzer = Analyzer()
+    for var in tirx.analysis.undefined_vars(e):
+        analyzer.bind(var, tirx.IntImm(str(var.ty), 1 if "batch" in var.name.lower() else 128))
+    return _static(analyzer.simplify(e))
+
+
+def _work_is_large(model: CpuModel, extents) -> bool:
+    """Worth a parallel loop: enough work at typical sizes of the symbolic dims."""
+    total = 1
+    for e in extents:
+        v = _static(e)
+        if v is None:
+            v = _nominal(e)
+            if v is None:
+                return True
+        total *= v
+    return total >= model.parallel_min_elems
+
+
+def _dtype_bits(sch: s_tir.Schedule, block) -> int:
+    writes = sch.get(block).writes
+    return writes[0].source.dtype.bits if writes else 32
+
+
+def _vectorize_innermost(sch: s_tir.Schedule, block, lanes: int) -> bool:
+    """Split the block's innermost loop by the vector lanes and vectorize the inner part."""
+    loops = sch.get_loops(block)
+    if not loops:
+        return False
+    inner = loops[-1]
+    ext = _loop_extent(sch, inner)
+    if ext is not None and ext <= 1:
+        return False
+    if ext is not None and ext <= lanes:
+        sch.vectorize(inner)
+        return True
+    _, vec = sch.split(inner, factors=[None, lanes])
+    sch.vectorize(vec)
+    return True
+
+
+def _vars_in(expr) -> set:
+    from tvm.s_tir.dlight.analysis.common_analysis import collect_vars_used_in_prim_expr
+
+    return set(collect_vars_used_in_prim_expr(expr))
+
+
+def _is_load_of(e, buf=None) -> bool:
+    """e is a buffer load (of ``buf`` when given)."""
+    if not isinstance(e, tvm.ir.TensorLoad):
+        return False
+    return buf is None or e.source.same_as(buf)
+
+
+def _strip_cast(e):
+    while isinstance(e, tirx.Cast):
+        e = e.value
+    return e
+
+
+class CpuMatmul:
+    """Register-tiled, vectorized, parallel matmul / batch matmul / GEMV with an optional injective epilogue."""
+
+    def __init__(self, model: CpuModel | None = None) -> None:
+        self.model = model
+
+    def _match(self, sch, info):
+        """(batch iters, m iter or None, n iter, k iter) if the block is C[.., m, n] += A[.., m, k] * B[.., k, n]."""
+        block = sch.get(info.block_rv)
+        store = block.body
+        if not isinstance(store, tvm.tirx.stmt.BufferStore) or len(block.writes) != 1:
+            return None
+        red = [it for it in info.iters if it.kind == "R"]
+        spatial = [it for it in info.iters if it.kind == "S"]
+        if len(red) != 1 or len(spatial) + 1 != len(info.iters) or not spatial:
+            return None
+        value = store.value
+        if not isinstance(value, tirx.Add):
+            return None
+        acc, prod = value.a, value.b
+        if not _is_load_of(acc, store.buffer):
+            acc, prod = value.b, value.a
+        if not _is_load_of(acc, store.buffer):
+            return None
+        prod = _strip_cast(prod)
+        if not isinstance(prod, tirx.Mul):
+            return None
+        x, y = _strip_cast(prod.a), _strip_cast(prod.b)
+        if not (_is_load_of(x) and _is_load_of(y)):
+            return None
+        # unit axes normalize away: their indices are constants
+        if not all(isinstance(i, (tirx.Var, tirx.IntImm)) for i in store.indices):
+            return None
+        if not isinstance(store.indices[-1], tirx.Var):
+            return None
+        out_vars = [i for i in store.indices if isinstance(i, tirx.Var)]
+        by_var = {it.var: it for it in info.iters}
+        if len(set(out_vars)) != len(out_vars) or any(v not in by_var for v in out_vars):
+            return None
+        if len(out_vars) != len(spatial):
+            return None
+        k = red[0]
+        n = by_var[out_vars[-1]]
+        x_vars, y_vars = _vars_in(x), _vars_in(y)
+        # B: n is its last index, A does not use n
+        if n.var in x_vars and n.var not in y_vars:
+            x, y = y, x
+            x_vars, y_vars = y_vars, x_vars
+        if n.var in x_vars or not isinstance(y.indices[-1], tirx.Var) or not y.indices[-1].same_as(n.var):
+            return None
+        if k.var not in x_vars or k.var not in y_vars:
+            return None
+        m = None
+        if len(store.indices) >= 2 and isinstance(store.indices[-2], tirx.Var):
+            cand = by_var[store.indices[-2]]
+            if cand.var in x_vars and cand.var not in y_vars:
+                m = cand
+        batch = [it for it in spatial if it is not n and it is not m]
+        return batch, m, n, k
+
+    def apply(self, func: tirx.PrimFunc, target, tunable: bool = False):
+        if not isinstance(func, tirx.PrimFunc) or not _is_cpu(target):
+            return None
+        normalize_prim_func, try_inline_contiguous_spatial = _analysis()
+        model = self.model or CpuModel.get(target)
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if infos is None:
+            return None
+        infos = try_inline_contiguous_spatial(sch, infos)
+        if infos is None or not infos or len(infos) > 2:
+            return None
+        main, epi = infos[0], (infos[1] if len(infos) == 2 else None)
+        if main.is_injective() or (epi is not None and not epi.is_injective()):
+            return None
+        matched = self._match(sch, main)
+        if matched is None:
+            return None
+        batch, m, n, k = matched
+        block = main.block_rv
+        bits = _dtype_bits(sch, block)
+        lanes = model.lanes(bits)
+        m_ext = _static(m.dom) if m is not None else 1
+        n_ext = _static(n.dom)
+        gemv = m is None or m_ext == 1
+        n_vectors = None if n_ext is None or n_ext % lanes else n_ext // lanes
+        mr, nv = model.matmul_tile(n_vectors, gemv=gemv)
+        nr = nv * lanes
+
+        n_o, n_i = sch.split(n.loop_rv, factors=[None, nr])
+        if m is not None and mr > 1:
+            m_o, m_i = sch.split(m.loop_rv, factors=[None, mr])
+            outer = [it.loop_rv for it in batch] + [m_o, n_o]
+            sch.reorder(*outer, k.loop_rv, m_i, n_i)
+        else:
+            m_i = None
+            outer = [it.loop_rv for it in batch] + ([m.loop_rv] if m is not None else []) + [n_o]
+            sch.reorder(*outer, k.loop_rv, n_i)
+        fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+        if _work_is_large(model, [it.dom for it in main.iters]):
+            sch.parallel(fused)
+
+        if epi is None:
+            epi_block = sch.cache_write(block, 0, "local")
+        else:
+            epi_block = epi.block_rv
+            sch.set_scope(block, 0, "local")
+        sch.reverse_compute_at(epi_block, fused, preserve_unit_loops=True)
+        _vectorize_innermost(sch, epi_block, lanes)
+
+        n_v, n_l = sch.split(n_i, factors=[nv, lanes])
+        sch.vectorize(n_l)
+        if nv > 1:
+            sch.unroll(n_v)
+        if m_i is not None:
+            sch.unroll(m_i)
+        # the accumulator tile is zeroed before the k loop (its loops keep the unroll/vectorize kinds)
+        sch.decompose_reduction(block, k.loop_rv)
+        return sch
+
+
+def _same_extent(analyzer, a, b) -> bool:
+    if isinstance(a, int) or isinstance(b, int):
+        return _static(a) == _static(b)
+    return bool(analyzer.can_prove(a == b))
+
+
+def _leading_rows(info) -> list:
+    """The reduction block's leading spatial iters, without trailing unit ones (the kept dim of a mean)."""
+    rows = []
+    for it in info.iters:
+        if it.kind != "S":
+            break
+        rows.append(it)
+    while rows and _static(rows[-1].dom) == 1:
+        rows.pop()
+    return rows
+
+
+class CpuReduction:
+    """Row-parallel softmax / norms / means: every block computed per row, injective stages vectorized."""
+
+    def __init__(self, model: CpuModel | None = None) -> None:
+        self.model = model
+
+    def apply(self, func: tirx.PrimFunc, target, tunable: bool = False):
+        if not isinstance(func, tirx.PrimFunc) or not _is_cpu(target):
+            return None
+        normalize_prim_func, _ = _analysis()
+        model = self.model or CpuModel.get(target)
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if not infos:
+            return None
+        reductions = [bi for bi in infos if not bi.is_injective()]
+        if not reductions:
+            return None
+        if any(it.kind not in ("S", "R") for bi in infos for it in bi.iters):
+            return None
+        rows = _leading_rows(reductions[0])
+        if not rows:
+            return None
+        analyzer = Analyzer()
+        for bi in infos:
+            if len(bi.iters) < len(rows):
+                return None
+            for it, row in zip(bi.iters, rows):
+                if it.kind != "S" or not _same_extent(analyzer, it.dom, row.dom):
+                    return None
+        last = infos[-1]
+        bits = _dtype_bits(sch, last.block_rv)
+        lanes = model.lanes(bits)
+        loops = sch.get_loops(last.block_rv)
+        row_loop = sch.fuse(*loops[: len(rows)]) if len(rows) > 1 else loops[0]
+        if _work_is_large(model, [it.dom for it in reductions[0].iters]):
+            sch.parallel(row_loop)
+        for bi in reversed(infos[:-1]):
+            sch.compute_at(bi.block_rv, row_loop, preserve_unit_loops=True)
+        row_stmt = sch.get(row_loop)
+        for bi in infos:
+            loops = sch.get_loops(bi.block_rv)
+            # only the loops inside a row: the row loop itself is the parallel one
+            if bi.is_injective() and loops and not sch.get(loops[-1]).same_as(row_stmt):
+                _vectorize_innermost(sch, bi.block_rv, lanes)
+        return sch
+
+
+class CpuFallback:
+    """Injective kernels: outer loops fused and parallel, innermost axis vectorized. Reductions the other rules
+    left get their leading spatial loops parallel."""
+
+    def __init__(self, model: CpuModel | None = None) -> None:
+        self.model = model
+
+    def apply(self, func: tirx.PrimFunc, target, tunable: bool = False):
+        if not isinstance(func, tirx.PrimFunc) or not _is_cpu(target):
+            return None
+        normalize_prim_func, try_inline_contiguous_spatial = _analysis()
+        model = self.model or CpuModel.get(target)
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if infos is None:
+            return None
+        infos = try_inline_contiguous_spatial(sch, infos) or infos
+        changed = False
+        for bi in infos:
+            block = bi.block_rv
+            loops = sch.get_loops(block)
+            if not loops:
+                continue
+            lanes = model.lanes(_dtype_bits(sch, block))
+            big = _work_is_large(model, [it.dom for it in bi.iters])
+            if bi.is_injective():
+                if len(loops) > 1 and (_loop_extent(sch, loops[-1]) or lanes) < lanes:
+                    loops = [sch.fuse(*loops)]
+                inner = loops[-1]
+                ext = _loop_extent(sch, inner)
+                if ext is None or ext > lanes:
+                    outer_inner, vec = sch.split(inner, factors=[None, lanes])
+                    loops = loops[:-1] + [outer_inner, vec]
+                elif ext > 1:
+                    vec = inner
+                    loops = loops[:-1] + [vec]
+                else:
+                    vec = None
+                if vec is not None:
+                    sch.vectorize(vec)
+                    changed = True
+                outer = loops[:-1] if vec is not None else loops
+                if outer and big:
+                    sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+                    changed = True
+            else:
+                lead = []
+                for it, loop in zip(bi.iters, loops):
+                    if it.kind != "S":
+                        break
+                    lead.append(loop)
+                if lead and big:
+                    sch.parallel(sch.fuse(*lead) if len(lead) > 1 else lead[0])
+                    changed = True
+        return sch if changed else None

@@ -1,0 +1,90 @@
+"""CpuModel: the small analytic description of a CPU target that every CPU schedule rule takes its sizes from.
+
+Nothing else in llmcc.schedules hard-codes a tile size: the rules ask ``CpuModel.get(target)`` for the vector lanes
+(from the features the target really enables: AVX-512 only when its mattr does not switch ``avx512f`` off, since an
+OS can hide AVX-512 from a CPU that LLVM still calls znver4), the core count, and the register tile derived from them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+def _target_attrs(target) -> tuple[str, str]:
+    """(mcpu, mattr string) of a tvm Target, or of a plain string/None."""
+    if target is None:
+        return "", ""
+    attrs = getattr(target, "attrs", None)
+    if attrs is None:
+        return "", ""
+    mcpu = str(attrs.get("mcpu", "") or "")
+    mattr = attrs.get("mattr", None)
+    mattr = ",".join(str(a) for a in mattr) if mattr is not None else ""
+    return mcpu, mattr
+
+
+# CPU models LLVM would give AVX-512 by default (unless mattr turns avx512f off).
+_AVX512_CPUS = ("znver4", "znver5", "skylake-avx512", "cascadelake", "cooperlake", "icelake", "tigerlake",
+                "sapphirerapids", "rocketlake", "alderlake-avx512", "graniterapids", "emeraldrapids")
+_AVX2_CPUS = ("haswell", "broadwell", "skylake", "znver1", "znver2", "znver3", "alderlake", "raptorlake",
+              "meteorlake", "core-avx2", "x86-64-v3")
+
+
+@dataclass(frozen=True)
+class CpuModel:
+    """What the CPU rules need to know about a target, all derived here."""
+
+    vector_bits: int        # usable SIMD register width
+    cores: int              # threads the runtime will run parallel loops on
+    vector_registers: int   # architectural SIMD registers (16 for AVX2, 32 for AVX-512)
+    l1_bytes: int = 32 * 1024
+    parallel_min_elems: int = 1 << 14  # work (output elements x reduction) below which a kernel stays serial
+    max_tile_rows: int = 8             # rows of the matmul register tile at most
+
+    def lanes(self, dtype_bits: int = 32) -> int:
+        return max(self.vector_bits // dtype_bits, 1)
+
+    def matmul_tile(self, n_vectors: int | None = None, gemv: bool = False) -> tuple[int, int]:
+        """(rows MR, vectors per row NV) of the register-resident MR x NV*lanes accumulator tile of a matmul.
+
+        The MR*NV accumulators, the NV vectors of B loaded per k step and one broadcast of A must fit the register
+        file (16 for AVX2: 6 x 2 as in BLIS's Haswell kernel; 32 for AVX-512). NV divides the N extent in vectors
+        when it is static (``n_vectors``), so full tiles need no predicate; a GEMV (M = 1) keeps enough N tiles
+        to give every core one.
+        """
+        regs = self.vector_registers
+        if n_vectors is not None and n_vectors > 0:
+            divisors = [v for v in range(1, min(n_vectors, regs) + 1) if n_vectors % v == 0]
+        else:
+            divisors = [v for v in (1, 2, 4) if v * 2 + v + 1 <= regs] if n_vectors is None else [1]
+        if gemv:
+            good = [v for v in divisors if n_vectors is None or n_vectors // v >= self.cores]
+            return 1, max(v for v in (good or [1]) if v <= 4)
+        best = (0, 0, 0)
+        for nv in divisors:
+            mr = min((regs - 1 - nv) // nv, self.max_tile_rows)
+            if mr >= 1 and (mr * nv, mr) > best[:2]:
+                best = (mr * nv, mr, nv)
+        return (best[1], best[2]) if best[0] else (1, 1)
+
+    @staticmethod
+    def get(target=None) -> "CpuModel":
+        mcpu, mattr = _target_attrs(target)
+        flags = [f.strip() for f in mattr.split(",") if f.strip()]
+        if "+avx512f" in flags:
+            bits = 512
+        elif "-avx512f" in flags:
+            bits = 256
+        elif mcpu in _AVX512_CPUS:
+            bits = 512
+        elif mcpu in _AVX2_CPUS or "+avx2" in flags or "+avx" in flags:
+            bits = 256
+        else:
+            bits = 128  # generic x86-64 / unknown: SSE2
+        cores = os.cpu_count() or 1
+        try:
+            cores = len(os.sched_getaffinity(0)) or cores
+        except (AttributeError, OSError):
+            pass
+        return CpuModel(vector_bits=bits, cores=max(cores, 1), vector_registers=32 if bits >= 512 else 16)

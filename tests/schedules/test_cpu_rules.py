@@ -1,0 +1,218 @@
+"""llmcc's CPU schedule rules: each one, on a small PrimFunc, gives a parallel + vectorized schedule whose results
+equal the unscheduled function's (numpy reference), and declines what it must not handle."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+tvm = pytest.importorskip("tvm")
+from tvm import te, tirx  # noqa: E402
+
+from llmcc import targets  # noqa: E402
+from llmcc.schedules import rules_for  # noqa: E402
+from llmcc.schedules.cpu import CpuFallback, CpuMatmul, CpuReduction  # noqa: E402
+from llmcc.schedules.cpu_model import CpuModel  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def target():
+    return targets.host_cpu().tvm_target()
+
+
+def _schedule(rule, func, target):
+    with target:
+        return rule.apply(func, target, False)
+
+
+def _script(sch) -> str:
+    return sch.mod["main"].script()
+
+
+def _build(func, target):
+    return tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
+
+
+def _run(func, target, arrays):
+    lib = _build(func, target)
+    dev = tvm.cpu(0)
+    args = [tvm.runtime.tensor(a, dev) for a in arrays]
+    lib["main"](*args)
+    return [a.numpy() for a in args]
+
+
+def _rand(*shape, seed=0):
+    return np.random.default_rng(seed).standard_normal(shape).astype("float32")
+
+
+def _matmul_bias_func(m_sym=True, k=48, n=40):
+    m = tirx.Var("m", "int64") if m_sym else 1
+    a = te.placeholder((m, k), name="A")
+    w = te.placeholder((k, n), name="W")
+    bias = te.placeholder((n,), name="bias")
+    r = te.reduce_axis((0, k), name="k")
+    mm = te.compute((m, n), lambda i, j: te.sum(a[i, r] * w[r, j], axis=r), name="matmul")
+    out = te.compute((m, n), lambda i, j: mm[i, j] + bias[j], name="add")
+    return te.create_prim_func([a, w, bias, out])
+
+
+def _i64(v):
+    return tirx.IntImm("int64", v)
+
+
+def _batch_matmul_func():
+    b, s = _i64(2), _i64(33)
+    q = te.placeholder((b, _i64(2), s, _i64(16)), name="Q")
+    kt = te.placeholder((b, _i64(2), _i64(16), _i64(24)), name="KT")
+    r = te.reduce_axis((_i64(0), _i64(16)), name="k")
+    out = te.compute((b, 2, s, 24), lambda i, h, x, y: te.sum(q[i, h, x, r] * kt[i, h, r, y], axis=r), name="bmm")
+    return te.create_prim_func([q, kt, out])
+
+
+def _softmax_func():
+    rows = tirx.Var("rows", "int64")
+    x = te.placeholder((rows, 203), name="X")
+    k1 = te.reduce_axis((0, 203), name="k1")
+    mx = te.compute((rows,), lambda i: te.max(x[i, k1], axis=k1), name="maxelem")
+    ex = te.compute((rows, 203), lambda i, j: te.exp(x[i, j] - mx[i]), name="exp")
+    k2 = te.reduce_axis((0, 203), name="k2")
+    sm = te.compute((rows,), lambda i: te.sum(ex[i, k2], axis=k2), name="expsum")
+    out = te.compute((rows, 203), lambda i, j: ex[i, j] / sm[i], name="norm")
+    return te.create_prim_func([x, out])
+
+
+def _elementwise_func(n=None):
+    s = tirx.Var("s", "int64") if n is None else n
+    x = te.placeholder((s, 256), name="X")
+    y = te.placeholder((256,), name="Y")
+    out = te.compute((s, 256), lambda i, j: te.sigmoid(x[i, j]) * y[j], name="silu")
+    return te.create_prim_func([x, y, out])
+
+
+def _transpose_func():
+    s = tirx.Var("s", "int64")
+    x = te.placeholder((s, 8, 32), name="X")
+    out = te.compute((8, s, 32), lambda h, i, d: x[i, h, d] + 1.0, name="t")
+    return te.create_prim_func([x, out])
+
+
+def _assert_parallel_vectorized(sch):
+    text = _script(sch)
+    assert "T.parallel(" in text, text
+    assert "T.vectorized(" in text, text
+
+
+# ------------------------------------------------------------------------------------------------ model
+def test_cpu_model_reads_target_features():
+    avx2 = tvm.target.Target({"kind": "llvm", "mcpu": "znver4", "mattr": ["-avx512f"]})
+    avx512 = tvm.target.Target({"kind": "llvm", "mcpu": "znver4"})
+    assert CpuModel.get(avx2).lanes(32) == 8
+    assert CpuModel.get(avx512).lanes(32) == 16
+    model = CpuModel.get(avx2)
+    assert model.cores >= 1
+    mr, nv = model.matmul_tile(16)
+    assert mr * nv + nv + 1 <= model.vector_registers and 16 % nv == 0
+    assert model.matmul_tile(16, gemv=True)[0] == 1
+
+
+def test_rules_for_cpu_and_gpu():
+    cpu_rules = [type(r).__name__ for r in rules_for(targets.host_cpu())]
+    assert cpu_rules == ["CpuMatmul", "CpuReduction", "CpuFallback"]
+    gpu_rules = [type(r).__name__ for r in rules_for(targets.resolve("cuda:sm_80"))]
+    assert "CpuMatmul" not in gpu_rules
+
+
+# ------------------------------------------------------------------------------------------------ matmul
+def test_matmul_symbolic_m_with_epilogue(target):
+    func = _matmul_bias_func()
+    sch = _schedule(CpuMatmul(), func, target)
+    assert sch is not None
+    _assert_parallel_vectorized(sch)
+    assert "T.unroll(" in _script(sch)
+    for m in (1, 7, 13):  # not a multiple of the row tile: the predicate handles the rest
+        a, w, bias = _rand(m, 48), _rand(48, 40, seed=1), _rand(40, seed=2)
+        out = _run(sch.mod["main"], target, [a, w, bias, np.zeros((m, 40), "float32")])[-1]
+        ref = _run(func, target, [a, w, bias, np.zeros((m, 40), "float32")])[-1]
+        np.testing.assert_allclose(out, a @ w + bias, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_batch_matmul_heads(target):
+    func = _batch_matmul_func()
+    sch = _schedule(CpuMatmul(), func, target)
+    assert sch is not None
+    _assert_parallel_vectorized(sch)
+    q, kt = _rand(2, 2, 33, 16), _rand(2, 2, 16, 24, seed=1)
+    out = _run(sch.mod["main"], target, [q, kt, np.zeros((2, 2, 33, 24), "float32")])[-1]
+    np.testing.assert_allclose(out, q @ kt, rtol=1e-5, atol=1e-5)
+
+
+def test_gemv_m1(target):
+    func = _matmul_bias_func(m_sym=False, k=256, n=128)
+    sch = _schedule(CpuMatmul(), func, target)
+    assert sch is not None
+    _assert_parallel_vectorized(sch)
+    a, w, bias = _rand(1, 256), _rand(256, 128, seed=1), _rand(128, seed=2)
+    out = _run(sch.mod["main"], target, [a, w, bias, np.zeros((1, 128), "float32")])[-1]
+    np.testing.assert_allclose(out, a @ w + bias, rtol=1e-5, atol=1e-5)
+
+
+def test_matmul_declines_non_matmul(target):
+    assert _schedule(CpuMatmul(), _softmax_func(), target) is None
+    assert _schedule(CpuMatmul(), _elementwise_func(), target) is None
+    # A transposed weight (C[m, n] += A[m, k] * W[n, k]) has no vector axis shared by B and C: not this rule's
+    m = tirx.Var("m", "int64")
+    a, w = te.placeholder((m, 32), name="A"), te.placeholder((16, 32), name="W")
+    r = te.reduce_axis((0, 32), name="k")
+    nt = te.compute((m, 16), lambda i, j: te.sum(a[i, r] * w[j, r], axis=r), name="nt")
+    assert _schedule(CpuMatmul(), te.create_prim_func([a, w, nt]), target) is None
+
+
+def test_matmul_declines_gpu_target():
+    func = _matmul_bias_func()
+    cuda = tvm.target.Target({"kind": "cuda", "arch": "sm_80"})
+    assert CpuMatmul().apply(func, cuda, False) is None
+
+
+# ------------------------------------------------------------------------------------------------ reduction
+def test_softmax(target):
+    func = _softmax_func()
+    sch = _schedule(CpuReduction(), func, target)
+    assert sch is not None
+    _assert_parallel_vectorized(sch)
+    x = _rand(11, 203)
+    out = _run(sch.mod["main"], target, [x, np.zeros_like(x)])[-1]
+    e = np.exp(x - x.max(axis=1, keepdims=True))
+    np.testing.assert_allclose(out, e / e.sum(axis=1, keepdims=True), rtol=1e-5, atol=1e-6)
+
+
+def test_reduction_declines_injective(target):
+    assert _schedule(CpuReduction(), _elementwise_func(), target) is None
+
+
+# ------------------------------------------------------------------------------------------------ fallback
+def test_elementwise(target):
+    func = _elementwise_func()
+    sch = _schedule(CpuFallback(), func, target)
+    assert sch is not None
+    _assert_parallel_vectorized(sch)
+    x, y = _rand(10, 256), _rand(256, seed=1)
+    out = _run(sch.mod["main"], target, [x, y, np.zeros_like(x)])[-1]
+    np.testing.assert_allclose(out, y / (1 + np.exp(-x)), rtol=1e-5, atol=1e-6)
+
+
+def test_transpose(target):
+    func = _transpose_func()
+    sch = _schedule(CpuFallback(), func, target)
+    assert sch is not None
+    _assert_parallel_vectorized(sch)
+    x = _rand(5, 8, 32)
+    out = _run(sch.mod["main"], target, [x, np.zeros((8, 5, 32), "float32")])[-1]
+    np.testing.assert_allclose(out, x.transpose(1, 0, 2) + 1.0)
+
+
+def test_fallback_keeps_tiny_static_kernels_serial(target):
+    sch = _schedule(CpuFallback(), _elementwise_func(n=2), target)
+    assert sch is not None
+    text = _script(sch)
+    assert "T.vectorized(" in text and "T.parallel(" not in text
