@@ -107,6 +107,7 @@ def _compile(model, *, target, quant, example_inputs, verify, seed, debug) -> Co
         "inputs": [s.to_json() for s in inputs],
         "outputs": [s.to_json() for s in outputs],
         "passes": [{"name": p["name"], "phase": p["phase"], "rewrites": p["rewrites"]} for p in result.passes],
+        "attention": result.attention,
         "kernels": result.kernels,
         "verify": {"passed": None, "reason": "skipped (--no-verify)"},
         "timings": timings,

@@ -1,0 +1,456 @@
+"""fuse_attention: rewrite the exported attention subgraph into one ``R.nn.attention`` call.
+
+transformers' sdpa attention exports as MatMul(q, k^T) with its scale (a scalar on the scores, or its square root
+on both q and k^T), Add(mask), Softmax, a NaN guard Where(IsNaN(p), 0, p) and MatMul(p, v), all in BNSH layout
+(batch, heads, sequence, head dim). This pass finds every softmax that feeds such a value matmul (a *site*), checks
+it (guards below) and replaces the site's output with ``R.nn.attention`` on BSNH q/k/v with the mask as a 4-D
+additive bias and the product of the scale constants as ``scale``. TVM legalizes that op for CPU and CUDA.
+
+Runs in the graph phase on the imported module, before lift_weights (weights are still constants; nothing here
+needs them). Every site is reported in ``self.sites``: {"site", "kind", "fused", "reason", "kernel"}.
+
+Guards (a site that fails one stays as it is, with the reason recorded):
+  - softmax on the last axis; scores, q, k^T, v all 4-D, float, same dtype; q and k^T are activations (not
+    constants: a softmax over a linear layer's output is not attention);
+  - the scale factors are scalar constants; the mask is *added* (a multiplicative mask does not match) and its
+    shape broadcasts to [B, H, Sq, Skv];
+  - the NaN guard, when present, writes 0.0 (dropping it is exact: HF's mask is finite, so softmax gives no NaN);
+  - the scores, probabilities and value-matmul output have no user outside the site;
+  - the key length is a constant or a plain symbolic dim (a decode step's ``past + 1`` trips an assertion in TVM
+    0.27's legalization of the op);
+  - not a sliding-window mask (R.nn.attention's window_size is refused at lowering in TVM 0.27) and not
+    block-sparse (BigBird gathers query/key blocks); both are left for the flash-style kernel.
+GQA (k/v heads repeated by expand_dims/broadcast_to/reshape) is fused with the repeated k/v: TVM's attention
+legalization needs as many k/v heads as q heads.
+
+Before::
+
+    lv1 = R.multiply(q, R.const(0.42))                  # q: [B, H, S, D]
+    lv2 = R.multiply(k_t, R.const(0.42))                # k_t: [B, H, D, S]
+    lv3 = R.matmul(lv1, lv2)
+    lv4 = R.add(lv3, mask)                              # mask: [B, 1, S, S], 0 or -3.4e38
+    lv5 = R.nn.softmax(lv4, axis=-1)
+    lv6 = R.where(R.isnan(lv5), R.const(0.0), lv5)
+    lv7 = R.matmul(lv6, v)                              # v: [B, H, S, D]
+    out = R.permute_dims(lv7, axes=[0, 2, 1, 3])
+
+After::
+
+    q_ = R.permute_dims(q, axes=[0, 2, 1, 3])           # or q's BSNH producer, when q is a permute of one
+    k_ = R.permute_dims(k_t, axes=[0, 3, 1, 2])         # or k's BSNH/BNSH producer, peeled from the k^T chain
+    v_ = R.permute_dims(v, axes=[0, 2, 1, 3])
+    out = R.nn.attention(q_, k_, v_, mask, scale=0.1767767)
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm.sym.analyzer import Analyzer
+from tvm import relax
+from tvm.relax.dpl import is_const, is_op, wildcard
+
+from llmcc.passes import LlmccPass
+
+_Const = tvm.ir.GenericConst  # TVM 0.27: relax constants are tvm.ir.GenericConst(.value, .ty)
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Patterns: what an exported attention site looks like. Guards check what a pattern cannot say.
+
+
+def _sdpa_pattern(with_output_permute: bool):
+    """Dense scaled-dot-product attention in BNSH, as torch's sdpa exports it; every scale and the mask optional."""
+    p = {name: wildcard() for name in ("q", "k_t", "v", "mask")}
+    p.update({name: is_const() for name in ("q_scale", "k_scale", "score_scale", "nan_fill")})
+    q_scaled = is_op("relax.multiply")(p["q"], p["q_scale"]) | p["q"]
+    k_scaled = is_op("relax.multiply")(p["k_t"], p["k_scale"]) | p["k_t"]
+    p["scores"] = is_op("relax.matmul")(q_scaled, k_scaled)
+    p["scaled"] = (is_op("relax.multiply")(p["scores"], p["score_scale"])
+                   | is_op("relax.divide")(p["scores"], p["score_scale"]) | p["scores"])
+    p["masked"] = is_op("relax.add")(p["scaled"], p["mask"]) | p["scaled"]
+    p["probs"] = is_op("relax.nn.softmax")(p["masked"])
+    p["guarded"] = is_op("relax.where")(is_op("relax.isnan")(p["probs"]), p["nan_fill"], p["probs"]) | p["probs"]
+    p["out_bnsh"] = is_op("relax.matmul")(p["guarded"], p["v"])
+    p["root"] = is_op("relax.permute_dims")(p["out_bnsh"]) if with_output_permute else p["out_bnsh"]
+    return p
+
+
+# Tried in order: with the trailing BNSH -> BSNH permute first, so the fused op writes the consumer's layout.
+_PATTERNS = (("sdpa_bsnh_out", True), ("sdpa_bnsh_out", False))
+
+_LAYOUT_OPS = {"relax.permute_dims", "relax.reshape", "relax.multiply", "relax.add", "relax.subtract",
+               "relax.concat", "relax.strided_slice", "relax.negative", "relax.expand_dims", "relax.broadcast_to",
+               "relax.squeeze", "relax.astype"}
+_GATHER_OPS = {"relax.take", "relax.gather_elements", "relax.gather_nd"}
+_COMPARE_OPS = {"relax.less", "relax.less_equal", "relax.greater", "relax.greater_equal"}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Small IR helpers.
+
+
+def _op_name(expr) -> str | None:
+    return expr.op.name if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) else None
+
+
+def _ty(expr):
+    ty = getattr(expr, "ty", None)
+    return ty if isinstance(ty, relax.TensorType) else None
+
+
+def _shape(expr):
+    ty = _ty(expr)
+    return list(ty.shape.values) if ty is not None and ty.shape is not None else None
+
+
+def _dtype(expr) -> str:
+    ty = _ty(expr)
+    return str(ty.dtype) if ty is not None else ""
+
+
+def _ndim(expr) -> int:
+    ty = _ty(expr)
+    return ty.ndim if ty is not None else -1
+
+
+def _scalar(const) -> float | None:
+    """The value of a constant with one element, else None."""
+    arr = const.value.numpy()
+    return float(arr.reshape(-1)[0]) if arr.size == 1 else None
+
+
+def _same_dim(a, b) -> bool:
+    return Analyzer().can_prove_equal(a, b)
+
+
+def _is_one(d) -> bool:
+    return isinstance(d, tvm.tirx.IntImm) and int(d) == 1
+
+
+def _producer(expr, var2val):
+    """The call that computes ``expr`` (looking through variable bindings), or None."""
+    seen = 0
+    while isinstance(expr, relax.Var) and expr in var2val and seen < 8:
+        expr, seen = var2val[expr], seen + 1
+    return expr if isinstance(expr, relax.Call) else None
+
+
+def _axes(call) -> list[int]:
+    return [int(a) for a in call.attrs.axes]
+
+
+def _upstream(expr, var2val, *, through=None, limit=400):
+    """Calls reachable from ``expr`` through its arguments (only through ops in ``through`` when given)."""
+    out, stack, seen = [], [expr], set()
+    while stack and len(out) < limit:
+        e = stack.pop()
+        call = _producer(e, var2val)
+        if call is None or call in seen:
+            continue
+        seen.add(call)
+        out.append(call)
+        if through is not None and _op_name(call) not in through:
+            continue
+        for a in call.args:
+            if isinstance(a, relax.Tuple):
+                stack.extend(a.fields)
+            else:
+                stack.append(a)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Matching: find the sites and decide, per site, whether and how to fuse it.
+
+
+class _Site:
+    def __init__(self, root_var, matched: dict, pattern: str):
+        self.root_var, self.m, self.pattern = root_var, matched, pattern
+        self.kind, self.reason, self.scale, self.window = "dense", "", 1.0, None
+
+
+def _outputs(func) -> set:
+    """Variables that leave their dataflow block (or the function): a site may not swallow them."""
+    out = set()
+    for block in func.body.blocks if isinstance(func.body, relax.SeqExpr) else []:
+        for binding in block.bindings:
+            if not isinstance(binding.var, relax.DataflowVar):
+                out.add(binding.var)
+    return out
+
+
+def _mask_features(mask, var2val, params) -> tuple[list[str], int | None]:
+    """What HF's mask builder put in the mask: causal, padding (from a user mask input), a sliding window."""
+    feats, window = [], None
+    calls = _upstream(mask, var2val)
+    for call in calls:
+        name = _op_name(call)
+        if name in _COMPARE_OPS and all(not isinstance(a, _Const) for a in call.args):
+            offsets = []
+            for a in call.args:
+                p = _producer(a, var2val)
+                if _op_name(p) in ("relax.subtract", "relax.add") and isinstance(p.args[1], _Const):
+                    offsets.append(abs(int(p.args[1].value.numpy().reshape(-1)[0])))
+            if offsets:
+                window = max(offsets)
+            elif "causal" not in feats:
+                feats.append("causal")
+        if name == "relax.astype" and isinstance(call.args[0], relax.Var) and call.args[0] in params:
+            feats.append("padding_mask")
+    if any(isinstance(a, relax.Var) and a in params and "float" in _dtype(a)
+           for c in calls for a in c.args):
+        feats.append("padding_mask")
+    return sorted(set(feats), key=feats.index), window
+
+
+def _is_gqa(k_or_v, var2val) -> bool:
+    """k/v heads repeated: reshape(broadcast_to(expand_dims(x))) merging a [B, Hkv, rep, S, D] tensor."""
+    for call in _upstream(k_or_v, var2val, through={"relax.reshape", "relax.permute_dims", "relax.multiply"},
+                          limit=12):
+        if _op_name(call) == "relax.broadcast_to" and _ndim(call) == 5:
+            return True
+    return False
+
+
+def _is_block_sparse(exprs, var2val) -> bool:
+    """q/k/v gathered from activation blocks (BigBird's block-sparse attention), not projected tokens."""
+    for e in exprs:
+        for call in _upstream(e, var2val, through=_LAYOUT_OPS | _GATHER_OPS, limit=64):
+            if _op_name(call) in _GATHER_OPS and not isinstance(call.args[0], _Const) \
+                    and "float" in _dtype(call):
+                return True
+    return False
+
+
+def _check(site: _Site, var2val, consumers, outputs, params) -> str:
+    """Guards: '' when the site may be fused, else why not. Fills site.kind/scale on the way."""
+    m = site.m
+    q, k_t, v, probs = m["q"], m["k_t"], m["v"], m["probs"]
+    scores = m["scores"]
+    if _ndim(probs) < 0:
+        return "softmax input has no known rank"
+    axis = int(probs.attrs.axis)
+    if axis not in (-1, _ndim(probs) - 1):
+        return f"softmax on axis {axis}, not the last (key) axis"
+    if not all(_ndim(x) == 4 for x in (q, k_t, v, scores)):
+        return "scores are not a 4-D [B, H, Sq, Skv] q @ k^T (block-sparse or 3-D attention)"
+    if any(isinstance(x, _Const) or isinstance(var2val.get(x), _Const) for x in (q, k_t, v)):
+        return "an operand of the score or value matmul is a constant: softmax over a linear layer, not attention"
+    dtypes = {_dtype(x) for x in (q, k_t, v, scores)}
+    if len(dtypes) != 1 or "float" not in next(iter(dtypes)):
+        return f"q/k/v dtypes {sorted(dtypes)} differ or are not float"
+    qs, ks, vs = _shape(q), _shape(k_t), _shape(v)
+    if not (_same_dim(qs[3], ks[2]) and _same_dim(ks[3], vs[2]) and _same_dim(qs[1], ks[1])
+            and _same_dim(qs[1], vs[1])):
+        return "q [B,H,Sq,D], k^T [B,H,D,Skv], v [B,H,Skv,Dv] do not line up (not BNSH layout)"
+    skv = vs[2]
+    if not isinstance(skv, (tvm.tirx.IntImm, tvm.tirx.Var)):
+        site.kind = "kv_cache"
+        return (f"key length {skv} is a compound symbolic expression: TVM 0.27's attention legalization asserts "
+                f"(topi batch_matmul compares the kv lengths structurally); left for the flash-style kernel")
+    if site.pattern == "sdpa_bsnh_out" and _axes(m["root"]) != [0, 2, 1, 3]:
+        return "output permute is not BNSH -> BSNH"
+    scale = 1.0
+    for name, invert in (("q_scale", False), ("k_scale", False), ("score_scale", None)):
+        c = m.get(name)
+        if c is None:
+            continue
+        val = _scalar(c)
+        if val is None:
+            return f"{name} is not a scalar constant"
+        if name == "score_scale" and _op_name(m["scaled"]) == "relax.divide":
+            val = 1.0 / val
+        scale *= val
+    site.scale = scale
+    fill = m.get("nan_fill")
+    if fill is not None and _scalar(fill) != 0.0:
+        return "the NaN guard writes a value other than 0"
+    mask = m.get("mask")
+    feats = []
+    if mask is not None:
+        ms = _shape(mask)
+        if ms is None or len(ms) > 4 or _dtype(mask) != _dtype(scores):
+            return "the additive mask is not a float tensor of rank <= 4 with the scores' dtype"
+        ss = _shape(scores)[4 - len(ms):]
+        if not all(_is_one(a) or _same_dim(a, b) for a, b in zip(ms, ss)):
+            return "the mask does not broadcast to [B, H, Sq, Skv]"
+        feats, site.window = _mask_features(mask, var2val, params)
+    inner = ["scores", "scaled", "masked", "probs", "guarded"] + (["out_bnsh"] if site.pattern == "sdpa_bsnh_out"
+                                                                   else [])
+    owned = [m[n] for n in inner if m.get(n) is not None]
+    inner_vars = {x for x in var2val if any(var2val[x].same_as(o) for o in owned)}
+    site_vars = inner_vars | {site.root_var} | {u for x in inner_vars for u in consumers.get(x, [])
+                                                if _op_name(var2val[u]) == "relax.isnan"}
+    if any(u not in site_vars for x in inner_vars for u in consumers.get(x, [])) or \
+            any(x in outputs for x in inner_vars):
+        return "an intermediate (scores or probabilities) is used outside the attention"
+    if _is_gqa(k_t, var2val) or _is_gqa(v, var2val):
+        feats.append("gqa")
+    site.kind = "+".join(feats) or "dense"
+    if site.window is not None:
+        site.kind = "+".join(["sliding_window"] + [f for f in feats if f != "causal"])
+        return (f"sliding-window mask (window {site.window}): R.nn.attention's window_size is refused at lowering "
+                f"in TVM 0.27; left for the flash-style kernel")
+    if _is_block_sparse([q, k_t, v], var2val):
+        site.kind = "block_sparse"
+        return "block-sparse attention (q/k/v gathered from blocks): not expressible as one dense R.nn.attention"
+    return ""
+
+
+def _describe_unmatched(probs_var, probs, var2val) -> tuple[str, str]:
+    """kind and reason for a softmax that feeds a matmul but matched no attention pattern."""
+    if int(probs.attrs.axis) not in (-1, _ndim(probs) - 1):
+        return "unknown", f"softmax on axis {int(probs.attrs.axis)}, not the last (key) axis"
+    if _ndim(probs) == 5:
+        return "block_sparse", "5-D block-sparse scores [B, H, blocks, q, k]: not one dense R.nn.attention"
+    inner = _producer(probs.args[0], var2val)
+    if _op_name(inner) == "relax.add":
+        inner = _producer(inner.args[0], var2val)
+    if _op_name(inner) == "relax.multiply" and not isinstance(inner.args[1], _Const):
+        return "unknown", "scores are multiplied by a tensor (multiplicative mask), not an additive mask"
+    return "unknown", "the softmax input is not (scaled) q @ k^T plus an additive mask"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Rewriting: each accepted site's root binding becomes R.nn.attention on BSNH q/k/v.
+
+
+def _q_bsnh(q, var2val):
+    """(expr, axes): q [B,H,S,D] as BSNH; peels a BSNH->BNSH permute_dims when q is one."""
+    p = _producer(q, var2val)
+    if _op_name(p) == "relax.permute_dims" and _axes(p) == [0, 2, 1, 3]:
+        return p.args[0], None
+    return q, [0, 2, 1, 3]
+
+
+def _k_bsnh(k_t, var2val):
+    """(expr, axes): k^T [B,H,D,S] as BSNH; peels torch's reshape(transpose(reshape(k))) and plain permutes."""
+    p = _producer(k_t, var2val)
+    name = _op_name(p)
+    if name == "relax.permute_dims" and _axes(p) == [0, 2, 3, 1]:
+        return p.args[0], None                    # BSNH -> BHDS in one permute
+    if name == "relax.permute_dims" and _axes(p) == [0, 1, 3, 2]:
+        return p.args[0], [0, 2, 1, 3]            # BNSH -> BNDS
+    if name == "relax.reshape":
+        t = _producer(p.args[0], var2val)
+        if _op_name(t) == "relax.permute_dims" and _axes(t) == [0, 2, 1] and _ndim(t) == 3:
+            r = _producer(t.args[0], var2val)
+            if _op_name(r) == "relax.reshape" and _ndim(r.args[0]) == 4:
+                k = r.args[0]                     # [B, H, S, D] reshaped to [B*H, S, D], transposed, reshaped back
+                ks, kts = _shape(k), _shape(k_t)
+                if all(_same_dim(a, b) for a, b in zip(ks, [kts[0], kts[1], kts[3], kts[2]])):
+                    return k, [0, 2, 1, 3]
+    return k_t, [0, 3, 1, 2]
+
+
+@relax.expr_functor.mutator
+class _SiteRewriter(relax.PyExprMutator):
+    def __init__(self, plans: dict, var2val: dict, mod=None):
+        super().__init__(mod)
+        self.plans, self.var2val = plans, var2val
+
+    def _bsnh(self, expr, axes):
+        expr = self.visit_expr(expr)
+        return expr if axes is None else self.builder_.emit(relax.op.permute_dims(expr, axes))
+
+    def visit_var_binding_(self, binding):
+        site = self.plans.get(binding.var)
+        if site is None:
+            super().visit_var_binding_(binding)
+            return
+        m = site.m
+        q = self._bsnh(*_q_bsnh(m["q"], self.var2val))
+        k = self._bsnh(*_k_bsnh(m["k_t"], self.var2val))
+        v = self._bsnh(m["v"], [0, 2, 1, 3])
+        bias = m.get("mask")
+        if bias is not None:
+            bias = self.visit_expr(bias)
+            while _ndim(bias) < 4:
+                bias = self.builder_.emit(relax.op.expand_dims(bias, 0))
+        dtype = _dtype(m["scores"])
+        out = relax.op.nn.attention(q, k, v, bias=bias, scale=tvm.tirx.FloatImm(dtype, site.scale))
+        if site.pattern == "sdpa_bnsh_out":
+            out = relax.op.permute_dims(self.builder_.emit(out), [0, 2, 1, 3])
+        # Keep the site's output variable (a dataflow output stays one); only its value changes.
+        self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(out)))
+
+
+class FuseAttention(LlmccPass):
+    """Rewrite exported sdpa attention sites into R.nn.attention; ``sites`` reports every site, fused or not."""
+
+    name = "fuse_attention"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sites: list[dict] = []
+
+    def transform(self, mod):
+        self.sites = []
+        total = 0
+        for gv, func in list(mod.functions.items()):
+            if not isinstance(func, relax.Function) or (func.attrs is not None and "Primitive" in func.attrs):
+                continue
+            new_func, n = self._fuse_function(gv.name_hint, func)
+            if n:
+                mod = mod.copy() if hasattr(mod, "copy") else mod
+                mod[gv] = new_func
+                total += n
+        return mod, total
+
+    def _fuse_function(self, fname: str, func):
+        var2val = relax.analysis.get_var2val(func)
+        outputs = _outputs(func)
+        params = set(func.params)
+        patterns = [(name, _sdpa_pattern(out_permute)) for name, out_permute in _PATTERNS]
+        plans = {}
+        consumers: dict = {}
+        for var, val in var2val.items():
+            if isinstance(val, relax.Call):
+                for a in val.args:
+                    if isinstance(a, relax.Var):
+                        consumers.setdefault(a, []).append(var)
+        # A site is a softmax whose (NaN-guarded) output is the left operand of a matmul; bindings in order.
+        softmaxes = [var for var, val in var2val.items() if _op_name(val) == "relax.nn.softmax"]
+        order = {var: i for i, var in enumerate(var2val)}
+        for probs_var in sorted(softmaxes, key=order.get):
+            site = self._match(probs_var, var2val, consumers, patterns)
+            if site is None:
+                if not any(self._value_matmuls(probs_var, var2val, consumers)):
+                    continue  # a softmax that is no attention (classifier head, gating): not a site
+                kind, reason = _describe_unmatched(probs_var, var2val[probs_var], var2val)
+                self._record(fname, probs_var, kind, False, reason)
+                continue
+            reason = _check(site, var2val, consumers, outputs, params)
+            self._record(fname, probs_var, site.kind, not reason, reason)
+            if not reason:
+                plans[site.root_var] = site
+        if not plans:
+            return func, 0
+        new_body = _SiteRewriter(plans, var2val).visit_expr(func.body)
+        new_func = relax.Function(func.params, new_body, func.ret_ty, func.is_pure, func.attrs)
+        new_func = relax.analysis.remove_all_unused(new_func)
+        return new_func, len(plans)
+
+    @staticmethod
+    def _value_matmuls(probs_var, var2val, consumers) -> list:
+        """Bindings that may root a site of this softmax: the value matmul, then the permute of its output."""
+        heads = [probs_var] + [u for u in consumers.get(probs_var, []) if _op_name(var2val[u]) == "relax.where"]
+        matmuls = [u for h in heads for u in consumers.get(h, [])
+                   if _op_name(var2val[u]) == "relax.matmul" and var2val[u].args[0].same_as(h)]
+        permutes = [u for mm in matmuls for u in consumers.get(mm, [])
+                    if _op_name(var2val[u]) == "relax.permute_dims"]
+        return matmuls, permutes
+
+    @staticmethod
+    def _match(probs_var, var2val, consumers, patterns):
+        matmuls, permutes = FuseAttention._value_matmuls(probs_var, var2val, consumers)
+        for name, pat in patterns:
+            for var in (permutes if name == "sdpa_bsnh_out" else matmuls):
+                matched = pat["root"].extract_matched_expr(var2val[var], var2val)
+                if matched is None or not matched[pat["probs"]].same_as(var2val[probs_var]):
+                    continue
+                return _Site(var, {k: matched[p] for k, p in pat.items() if p in matched}, name)
+        return None
+
+    def _record(self, fname, probs_var, kind, fused, reason):
+        self.sites.append({"site": f"{fname}/{probs_var.name}", "kind": kind, "fused": bool(fused),
+                           "reason": reason, "kernel": "relax.nn.attention" if fused else None})
