@@ -1,27 +1,32 @@
 """llmcc's CPU schedule rules (dlight style): matmul/GEMV, row reductions, injective fallback.
 
 Each rule is ``apply(func, target, tunable) -> s_tir.Schedule | None`` (None: declined). Sizes come from
-``CpuModel.get(target)`` only. Symbolic extents (batch, sequence) are split with ``factors=[None, tile]``, which
-TVM guards with a predicate when the tile does not divide the extent, so one schedule serves every sequence length.
+``CpuModel.get(target)`` only. One schedule serves every value of the symbolic extents (batch, sequence).
 
 CpuMatmul, for ``C[..., m, n] += A[..., m, k] * B[..., k, n]`` (B's last axis is C's last axis; A does not use n)
 with at most one injective epilogue (bias, residual add, SiLU gate...) after FuseTIR::
 
-    for batch_m_n_tile in T.parallel(B * ceil(M / MR) * ceil(N / NR)):    # MR x NR accumulator tile
-        for mi, nv in T.unroll(MR), T.unroll(NV): for lane in T.vectorized(L): acc[mi, nv*L + lane] = 0
-        for k in range(K):
-            for mi in T.unroll(MR):
-                for nv in T.unroll(NV):
-                    for lane in T.vectorized(L): acc[mi, nv*L+lane] += A[m, k] * B[k, n]   # broadcast x vector FMA
-        for mi, n in ...: for lane in T.vectorized(L): C[m, n] = epilogue(acc[mi, n])
+    A_pad = A with M padded to a multiple of MR (B_pad: N to NR) when M (N) is symbolic or not a multiple
+    for batch_n_tile in T.parallel(B * ceil(N / NR)):                     # an NR-wide panel of B stays in L1
+        for m_tile in range(ceil(M / MR)):                                # MR x NR accumulator tile
+            for mi, nv in T.unroll(MR), T.unroll(NV): for lane in T.vectorized(L): acc[mi, nv*L + lane] = 0
+            for k in range(K):
+                for mi in T.unroll(MR):
+                    for nv in T.unroll(NV):
+                        for lane in T.vectorized(L): acc[mi, nv*L+lane] += A_pad[m, k] * B[k, n]   # FMA
+            for mi, n in ...: if m < M: for lane in T.vectorized(L): C[m, n] = epilogue(acc[mi, n])
 
-M = 1 (decode GEMV) is the same schedule with MR = 1, parallel over the N tiles (and batch).
+The padding (``pad_einsum``) is what keeps the k loop free of tail predicates: with a predicate there, TVM cannot
+bound the accumulator's region, so it stays an M x N buffer in memory (a load and a store per FMA) instead of MR x NR
+registers. Only the write-back is predicated. M = 1 (decode GEMV) is the same schedule with MR = 1.
 
 CpuReduction: softmax, layer/RMS norm, mean: parallel over the rows (the reduction's leading spatial axes), every
-block of the kernel computed per row, injective stages vectorized.
+block of the kernel computed per row, injective stages vectorized when the row length is static (a symbolic one,
+attention rows, stays a plain loop: LLVM vectorizes it with a scalar tail, where a TIR split would check every lane).
 
-CpuFallback: injective kernels (elementwise, transpose, broadcast, concat...): outer loops fused and parallel,
-innermost axis vectorized; other kernels get their leading spatial loops parallel.
+CpuFallback: injective kernels (elementwise, transpose, broadcast, concat...): innermost axis vectorized, outer loops
+fused into one parallel loop (batch-like loops stay outside it, and no symbolic loop is fused under another: see
+``_parallel_group``); other kernels get their leading spatial loops parallel.
 """
 
 from __future__ import annotations
@@ -99,6 +104,31 @@ def _vectorize_innermost(sch: s_tir.Schedule, block, lanes: int) -> bool:
     _, vec = sch.split(inner, factors=[None, lanes])
     sch.vectorize(vec)
     return True
+
+
+def _schedule_injective(sch: s_tir.Schedule, block, model: CpuModel, lanes: int, parallel: bool) -> None:
+    """An injective helper block (a padding copy): innermost axis vectorized, the outer loops fused (parallel)."""
+    _vectorize_innermost(sch, block, lanes)
+    loops = sch.get_loops(block)
+    outer = loops[:-1]
+    if outer and parallel:
+        sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+
+
+def _parallel_group(sch: s_tir.Schedule, loops: list) -> list:
+    """The consecutive loops to fuse into one parallel loop: from the first one that is not a batch-like loop
+    (nominal extent 1; those stay serial outside), on through loops with static extents only. Fusing a loop with a
+    symbolic extent under another one makes every index a div/mod by a symbolic value, which the simplifier and
+    LLVM then chew on for seconds per kernel (llama-decode's KV-cache reshapes: 6-8 s each) for no speed-up."""
+    start = 0
+    while start < len(loops) - 1 and _nominal(sch.get(loops[start]).extent) == 1:
+        start += 1
+    group = loops[start:start + 1]
+    for loop in loops[start + 1:]:
+        if _loop_extent(sch, loop) is None:
+            break
+        group.append(loop)
+    return group
 
 
 def _vars_in(expr) -> set:
@@ -209,25 +239,67 @@ class CpuMatmul:
         mr, nv = model.matmul_tile(n_vectors, gemv=gemv)
         nr = nv * lanes
 
-        n_o, n_i = sch.split(n.loop_rv, factors=[None, nr])
-        if m is not None and mr > 1:
-            m_o, m_i = sch.split(m.loop_rv, factors=[None, mr])
-            outer = [it.loop_rv for it in batch] + [m_o, n_o]
-            sch.reorder(*outer, k.loop_rv, m_i, n_i)
+        # Tails: a symbolic (or non-multiple) M or N would need a predicate inside the k loop, which keeps the
+        # accumulator out of registers (CompactBufferAllocation cannot bound its region) and scalarizes the FMAs.
+        # pad_einsum copies A (and B) into tile-multiple buffers instead: the k loop runs over full MR x NR tiles,
+        # and only the write-back to C is predicated.
+        pad_m = m is not None and mr > 1 and (m_ext is None or m_ext % mr)
+        pad_n = n_ext is None or n_ext % nr
+        padded = False
+        if pad_m or pad_n:
+            order = {id(it): i for i, it in enumerate(main.iters)}
+            padding = [1] * len(main.iters)
+            if pad_m:
+                padding[order[id(m)]] = mr
+            if pad_n:
+                padding[order[id(n)]] = nr
+            try:
+                sch.pad_einsum(block, padding)
+                padded = True
+            except Exception:  # noqa: BLE001 - not an einsum TVM can pad: keep the predicated tiles
+                padded = False
+        loops = sch.get_loops(block)
+        pos = {id(it): i for i, it in enumerate(main.iters)}
+        m_loop = loops[pos[id(m)]] if m is not None else None
+        n_loop, k_loop = loops[pos[id(n)]], loops[pos[id(k)]]
+        batch_loops = [loops[pos[id(it)]] for it in batch]
+
+        n_o, n_i = sch.split(n_loop, factors=[None, nr])
+        # n tiles outside m tiles: a K x NR panel of B stays in L1 while every row tile of A streams past it. The m
+        # tile loop is not fused into the parallel loop, so the accumulator's row offset stays affine (m_o * MR).
+        if m_loop is not None and mr > 1:
+            m_o, m_i = sch.split(m_loop, factors=[None, mr])
+            par = batch_loops + [n_o]
+            sch.reorder(*par, m_o, k_loop, m_i, n_i)
+            tile = m_o
         else:
             m_i = None
-            outer = [it.loop_rv for it in batch] + ([m.loop_rv] if m is not None else []) + [n_o]
-            sch.reorder(*outer, k.loop_rv, n_i)
-        fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
-        if _work_is_large(model, [it.dom for it in main.iters]):
+            par = batch_loops + ([m_loop] if m_loop is not None else []) + [n_o]
+            sch.reorder(*par, k_loop, n_i)
+            tile = None
+        fused = sch.fuse(*par) if len(par) > 1 else par[0]
+        if tile is None:
+            tile = fused
+        big = _work_is_large(model, [it.dom for it in main.iters])
+        if big:
             sch.parallel(fused)
 
-        if epi is None:
+        if padded:
+            for producer in sch.get_producers(block):
+                _schedule_injective(sch, producer, model, lanes, big)
+            copy = sch.get_consumers(block)[0]
+            if epi is None:
+                epi_block = copy
+            else:
+                sch.compute_inline(copy)
+                epi_block = epi.block_rv
+            sch.set_scope(block, 0, "local")
+        elif epi is None:
             epi_block = sch.cache_write(block, 0, "local")
         else:
             epi_block = epi.block_rv
             sch.set_scope(block, 0, "local")
-        sch.reverse_compute_at(epi_block, fused, preserve_unit_loops=True)
+        sch.reverse_compute_at(epi_block, tile, preserve_unit_loops=True)
         _vectorize_innermost(sch, epi_block, lanes)
 
         n_v, n_l = sch.split(n_i, factors=[nv, lanes])
@@ -237,7 +309,7 @@ class CpuMatmul:
         if m_i is not None:
             sch.unroll(m_i)
         # the accumulator tile is zeroed before the k loop (its loops keep the unroll/vectorize kinds)
-        sch.decompose_reduction(block, k.loop_rv)
+        sch.decompose_reduction(block, k_loop)
         return sch
 
 
@@ -303,6 +375,10 @@ class CpuReduction:
             loops = sch.get_loops(bi.block_rv)
             # only the loops inside a row: the row loop itself is the parallel one
             if bi.is_injective() and loops and not sch.get(loops[-1]).same_as(row_stmt):
+                if _loop_extent(sch, loops[-1]) is None:
+                    # a symbolic row length (attention rows: N = sequence): a TIR-vectorized split would carry a
+                    # per-lane bounds check, which scalarizes; a plain loop gets LLVM's full vectors + scalar tail
+                    continue
                 _vectorize_innermost(sch, bi.block_rv, lanes)
         return sch
 
@@ -349,8 +425,9 @@ class CpuFallback:
                     sch.vectorize(vec)
                     changed = True
                 outer = loops[:-1] if vec is not None else loops
-                if outer and big:
-                    sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+                group = _parallel_group(sch, outer)
+                if group and big:
+                    sch.parallel(sch.fuse(*group) if len(group) > 1 else group[0])
                     changed = True
             else:
                 lead = []

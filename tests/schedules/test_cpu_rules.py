@@ -3,6 +3,8 @@ equal the unscheduled function's (numpy reference), and declines what it must no
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -216,3 +218,112 @@ def test_fallback_keeps_tiny_static_kernels_serial(target):
     assert sch is not None
     text = _script(sch)
     assert "T.vectorized(" in text and "T.parallel(" not in text
+
+
+# ------------------------------------------------------------------------------------------------ tails
+def _block_text(text: str, name: str) -> str:
+    """The TVMScript of one block (from its ``T.sblock("name")`` line to the next block or loop at its depth)."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if f'T.sblock("{name}")' in line)
+    indent = len(lines[start]) - len(lines[start].lstrip())
+    body = [lines[start]]
+    for line in lines[start + 1:]:
+        if line.strip() and len(line) - len(line.lstrip()) <= indent:
+            break
+        body.append(line)
+    return "\n".join(body)
+
+
+def _lowered(func, target):
+    from tvm import s_tir
+
+    seq = [s_tir.transform.LowerInitBlock(), s_tir.transform.PlanAndUpdateBufferAllocationLocation(),
+           s_tir.transform.ConvertBlocksToOpaque(), s_tir.transform.CompactBufferAllocation(),
+           s_tir.transform.LowerOpaqueBlock()]
+    with target:
+        return tvm.ir.transform.Sequential(seq)(tvm.IRModule({"main": func}))["main"].script()
+
+
+def _scores_func():
+    """Attention scores q @ k^T: N (the vector axis) is the symbolic sequence length."""
+    s = tirx.Var("s", "int64")
+    q = te.placeholder((_i64(1), _i64(2), s, _i64(16)), name="Q")
+    kt = te.placeholder((_i64(1), _i64(2), _i64(16), s), name="KT")
+    r = te.reduce_axis((_i64(0), _i64(16)), name="k")
+    out = te.compute((1, 2, s, s), lambda i, h, x, y: te.sum(q[i, h, x, r] * kt[i, h, r, y], axis=r), name="scores")
+    return te.create_prim_func([q, kt, out])
+
+
+def test_matmul_symbolic_m_full_tiles_without_predicate(target):
+    """A symbolic M is padded to the row tile: the k loop's update has no predicate, the accumulator compacts to
+    one MR x NR tile (registers), only the write-back is predicated; numerics for M not a multiple of the tile."""
+    func = _matmul_bias_func()
+    sch = _schedule(CpuMatmul(), func, target)
+    text = _script(sch)
+    update = _block_text(text, "matmul_update")
+    assert "T.where" not in update, update
+    assert "T.vectorized(" in text and "A_pad" in text
+    lowered = _lowered(sch.mod["main"], target)
+    local = [line for line in lowered.splitlines() if "_local = T.alloc" in line]
+    shape = local[0].split("T.alloc_local(")[1].split(", annotations")[0] if local else ""
+    assert shape and not re.search(r"\bm\b", shape), local  # a static MR x NR tile, not M x N
+    for m in (1, 5, 7, 13):
+        a, w, bias = _rand(m, 48), _rand(48, 40, seed=1), _rand(40, seed=2)
+        out = _run(sch.mod["main"], target, [a, w, bias, np.zeros((m, 40), "float32")])[-1]
+        np.testing.assert_allclose(out, a @ w + bias, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_scores_symbolic_n_full_vectors_without_predicate(target):
+    """q @ k^T with N = sequence: B is padded to whole vectors, so the vectorized lanes carry no bounds check."""
+    func = _scores_func()
+    sch = _schedule(CpuMatmul(), func, target)
+    assert sch is not None
+    text = _script(sch)
+    update = _block_text(text, "scores_update")
+    assert "T.where" not in update, update
+    assert "T.vectorized(" in text
+    for s in (1, 5, 8, 17):
+        q, kt = _rand(1, 2, s, 16), _rand(1, 2, 16, s, seed=1)
+        out = _run(sch.mod["main"], target, [q, kt, np.zeros((1, 2, s, s), "float32")])[-1]
+        np.testing.assert_allclose(out, q @ kt, rtol=1e-5, atol=1e-5)
+
+
+def test_fallback_does_not_fuse_symbolic_loops_into_the_parallel_loop(target):
+    """A KV-cache reshape [batch, heads, past, dim]: the parallel loop is the static heads loop (fusing past + 1
+    under it made every index a div/mod by a symbolic extent: seconds of compile time per kernel)."""
+    batch, past = tirx.Var("batch", "int64"), tirx.Var("past", "int64")
+    x = te.placeholder((batch, _i64(2), _i64(4), past, _i64(16)), name="X")
+    out = te.compute((batch, _i64(8), past, _i64(16)),
+                     lambda b, h, p, d: x[b, h // 4, h % 4, p, d], name="kv")
+    func = te.create_prim_func([x, out])
+    sch = _schedule(CpuFallback(), func, target)
+    assert sch is not None
+    text = _script(sch)
+    par = [line for line in text.splitlines() if "T.parallel(" in line]
+    assert len(par) == 1 and "past" not in par[0] and "batch" not in par[0], par
+    assert "T.vectorized(" in text
+    xs = _rand(2, 2, 4, 6, 16)
+    res = _run(sch.mod["main"], target, [xs, np.zeros((2, 8, 6, 16), "float32")])[-1]
+    np.testing.assert_allclose(res, xs.reshape(2, 8, 6, 16))
+
+
+def test_softmax_symbolic_row_length_has_no_predicated_lanes(target):
+    """Attention-score softmax: the row length is the symbolic sequence. Its injective stages stay plain loops
+    (LLVM vectorizes them with a scalar tail) instead of TIR vectors with a bounds check per lane."""
+    rows, n = tirx.Var("rows", "int64"), tirx.Var("n", "int64")
+    x = te.placeholder((rows, n), name="X")
+    k1 = te.reduce_axis((_i64(0), n), name="k1")
+    mx = te.compute((rows,), lambda i: te.max(x[i, k1], axis=k1), name="maxelem")
+    ex = te.compute((rows, n), lambda i, j: te.exp(x[i, j] - mx[i]), name="exp")
+    k2 = te.reduce_axis((_i64(0), n), name="k2")
+    sm = te.compute((rows,), lambda i: te.sum(ex[i, k2], axis=k2), name="expsum")
+    out = te.compute((rows, n), lambda i, j: ex[i, j] / sm[i], name="norm")
+    sch = _schedule(CpuReduction(), te.create_prim_func([x, out]), target)
+    assert sch is not None
+    text = _script(sch)
+    assert "T.parallel(" in text and "T.where" not in text, text
+    for length in (1, 7, 9, 20):
+        xs = _rand(3, length)
+        res = _run(sch.mod["main"], target, [xs, np.zeros_like(xs)])[-1]
+        e = np.exp(xs - xs.max(axis=1, keepdims=True))
+        np.testing.assert_allclose(res, e / e.sum(axis=1, keepdims=True), rtol=1e-5, atol=1e-6)
