@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import llmcc
-from conftest import ROOT, tiny_feed
+from helpers import ROOT, tiny_feed
 from llmcc import artifact
 from llmcc.errors import ArtifactError
 

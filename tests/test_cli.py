@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import VOCAB, run_cli
+from helpers import VOCAB, run_cli
 
 
 def test_compile_run_inspect(tiny_onnx, tmp_path):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_feed, tiny_reference
+from helpers import tiny_feed, tiny_reference
 from llmcc.errors import InputError
 
 RTOL = 1e-5  # fp32, relative Frobenius error vs onnxruntime
