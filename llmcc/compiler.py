@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import sys
 import tempfile
@@ -19,7 +18,6 @@ from llmcc.inputs import index_bounds
 from llmcc.module import CompiledModule
 from llmcc.targets import resolve
 
-log = logging.getLogger("llmcc")
 
 QUANT_SCHEMES = ("none",)  # the quantization registry lands with its issue; "none" keeps fp32 weights
 

@@ -43,7 +43,6 @@ def _median_ms(fn, repeat: int, warmup: int = 3, budget_s: float = 20.0) -> tupl
 
 
 def bench_model(name: str, seq: int | None, batch: int, repeat: int, threads: int) -> dict:
-    import numpy as np
     import onnxruntime as ort
     import torch
 
