@@ -55,13 +55,15 @@ def cmd_compile(args) -> int:
     return 0
 
 
-def _print_summary(report: dict, path) -> None:
-    v = report["verify"]
+def _verdict(v: dict) -> str:
     if v.get("passed") is None:
-        verdict = f"not verified: {v.get('reason')}"
-    else:
-        verdict = (f"{'PASSED' if v['passed'] else 'FAILED'} vs {v['reference']}: rel err {v['rel_err']:.2e}, "
-                   f"max abs {v['max_abs_err']:.2e} over {len(v.get('cases', []))} input sizes")
+        return f"not verified: {v.get('reason')}"
+    return (f"{'PASSED' if v['passed'] else 'FAILED'} vs {v['reference']}: rel err {v['rel_err']:.2e}, "
+            f"max abs {v['max_abs_err']:.2e}, input sizes {v.get('cases')}")
+
+
+def _print_summary(report: dict, path) -> None:
+    verdict = _verdict(report["verify"])
     fired = [f"{p['name']}={p['rewrites']}" for p in report["passes"] if p["rewrites"]]
     print(f"wrote {path}  target={report['target']}  verify: {verdict}")
     print(f"passes that rewrote: {', '.join(fired) or 'none'}")
@@ -139,12 +141,7 @@ def cmd_inspect(args) -> int:
           f"sha256 {manifest['library']['sha256'][:16]}...")
     print(f"weights   {len(manifest['weights']['tensors'])} tensors, {manifest['weights']['bytes']} bytes")
     print("passes    " + ", ".join(f"{p['name']}({p['rewrites']})" for p in report["passes"]))
-    v = report["verify"]
-    if v.get("passed") is None:
-        print(f"verify    not verified: {v.get('reason')}")
-    else:
-        print(f"verify    {'passed' if v['passed'] else 'FAILED'} vs {v['reference']}: rel err {v['rel_err']:.2e}, "
-              f"max abs {v['max_abs_err']:.2e}, sizes {v.get('cases')}")
+    print(f"verify    {_verdict(report['verify'])}")
     if "cuda_binary" in report:
         print(f"cuda      {report['cuda_binary']}")
     return 0

@@ -19,6 +19,8 @@ SEQ_LENS = (1, 7, 33)
 def dim_settings(inputs: list[TensorSpec], count: int = 3) -> list[dict[str, int]]:
     """``count`` bindings of every symbolic dim name to a size."""
     names = sorted({d for spec in inputs for d in spec.shape if isinstance(d, str)})
+    if not names:
+        return [{}]
     settings = []
     for i in range(count):
         binding = {}
@@ -28,8 +30,6 @@ def dim_settings(inputs: list[TensorSpec], count: int = 3) -> list[dict[str, int
             else:
                 binding[name] = SEQ_LENS[i % len(SEQ_LENS)]
         settings.append(binding)
-    if not names:
-        return [{}]
     return settings
 
 

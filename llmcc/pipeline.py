@@ -46,28 +46,27 @@ class PipelineResult:
     timings: dict = field(default_factory=dict)  # phase -> seconds
 
 
-def _count_calls(mod, op_name: str) -> int:
+def _count_relax_calls(mod, pred=lambda call: True) -> int:
+    """Calls in the module's Relax functions for which ``pred`` holds."""
     n = 0
+
+    def visit(e):
+        nonlocal n
+        if isinstance(e, relax.Call) and pred(e):
+            n += 1
+
     for _, func in mod.functions.items():
         if isinstance(func, relax.Function):
-            def visit(e):
-                nonlocal n
-                if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) and e.op.name == op_name:
-                    n += 1
             relax.analysis.post_order_visit(func.body, visit)
     return n
+
+
+def _count_calls(mod, op_name: str) -> int:
+    return _count_relax_calls(mod, lambda c: isinstance(c.op, tvm.ir.Op) and c.op.name == op_name)
 
 
 def _count_bindings(mod) -> int:
-    n = 0
-    for _, func in mod.functions.items():
-        if isinstance(func, relax.Function):
-            def visit(e):
-                nonlocal n
-                if isinstance(e, relax.Call):
-                    n += 1
-            relax.analysis.post_order_visit(func.body, visit)
-    return n
+    return _count_relax_calls(mod)
 
 
 def _fused_groups(mod) -> int:

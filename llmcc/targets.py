@@ -99,7 +99,7 @@ def host_cpu() -> TargetSpec:
     if flags and "avx512f" not in flags:
         mattr = ("-avx512f",)  # LLVM drops every AVX-512 subfeature with it
     elif flags:
-        mattr = tuple(f"-{f}" for f in _AVX512_FLAGS if f not in flags and f != "avx512fp16")
+        mattr = tuple(f"-{f}" for f in _AVX512_FLAGS if f not in flags)
     features = tuple(f for f in ("sse4_2", "avx", "avx2", "fma") + _AVX512_FLAGS if f in flags)
     return TargetSpec("cpu", "llvm", mcpu=mcpu, mattr=mattr, features=features, description=TARGETS["cpu"])
 

@@ -150,11 +150,23 @@ def _strip_cast(e):
     return e
 
 
-class CpuMatmul:
-    """Register-tiled, vectorized, parallel matmul / batch matmul / GEMV with an optional injective epilogue."""
+class _CpuRule:
+    """What every CPU rule starts with: decline non-CPU targets, size from CpuModel, normalize the blocks."""
 
     def __init__(self, model: CpuModel | None = None) -> None:
         self.model = model
+
+    def _start(self, func, target):
+        """(model, schedule, block infos), or None when the rule cannot look at ``func``."""
+        if not isinstance(func, tirx.PrimFunc) or not _is_cpu(target):
+            return None
+        normalize_prim_func, _ = _analysis()
+        sch = s_tir.Schedule(func)
+        return self.model or CpuModel.get(target), sch, normalize_prim_func(sch)
+
+
+class CpuMatmul(_CpuRule):
+    """Register-tiled, vectorized, parallel matmul / batch matmul / GEMV with an optional injective epilogue."""
 
     def _match(self, sch, info):
         """(batch iters, m iter or None, n iter, k iter) if the block is C[.., m, n] += A[.., m, k] * B[.., k, n]."""
@@ -211,12 +223,11 @@ class CpuMatmul:
         return batch, m, n, k
 
     def apply(self, func: tirx.PrimFunc, target, tunable: bool = False):
-        if not isinstance(func, tirx.PrimFunc) or not _is_cpu(target):
+        start = self._start(func, target)
+        if start is None:
             return None
-        normalize_prim_func, try_inline_contiguous_spatial = _analysis()
-        model = self.model or CpuModel.get(target)
-        sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
+        model, sch, infos = start
+        _, try_inline_contiguous_spatial = _analysis()
         if infos is None:
             return None
         infos = try_inline_contiguous_spatial(sch, infos)
@@ -331,19 +342,14 @@ def _leading_rows(info) -> list:
     return rows
 
 
-class CpuReduction:
+class CpuReduction(_CpuRule):
     """Row-parallel softmax / norms / means: every block computed per row, injective stages vectorized."""
 
-    def __init__(self, model: CpuModel | None = None) -> None:
-        self.model = model
-
     def apply(self, func: tirx.PrimFunc, target, tunable: bool = False):
-        if not isinstance(func, tirx.PrimFunc) or not _is_cpu(target):
+        start = self._start(func, target)
+        if start is None:
             return None
-        normalize_prim_func, _ = _analysis()
-        model = self.model or CpuModel.get(target)
-        sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
+        model, sch, infos = start
         if not infos:
             return None
         reductions = [bi for bi in infos if not bi.is_injective()]
@@ -383,20 +389,16 @@ class CpuReduction:
         return sch
 
 
-class CpuFallback:
+class CpuFallback(_CpuRule):
     """Injective kernels: outer loops fused and parallel, innermost axis vectorized. Reductions the other rules
     left get their leading spatial loops parallel."""
 
-    def __init__(self, model: CpuModel | None = None) -> None:
-        self.model = model
-
     def apply(self, func: tirx.PrimFunc, target, tunable: bool = False):
-        if not isinstance(func, tirx.PrimFunc) or not _is_cpu(target):
+        start = self._start(func, target)
+        if start is None:
             return None
-        normalize_prim_func, try_inline_contiguous_spatial = _analysis()
-        model = self.model or CpuModel.get(target)
-        sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
+        model, sch, infos = start
+        _, try_inline_contiguous_spatial = _analysis()
         if infos is None:
             return None
         infos = try_inline_contiguous_spatial(sch, infos) or infos
