@@ -23,9 +23,9 @@ def _targets() -> list[str]:
 
 
 def _quant_schemes() -> list[str]:
-    from llmcc.compiler import QUANT_SCHEMES
+    from llmcc.quant import SCHEMES
 
-    return list(QUANT_SCHEMES)
+    return list(SCHEMES)
 
 
 def _parse_dims(text: str | None) -> dict[str, int]:
@@ -48,7 +48,10 @@ def cmd_compile(args) -> int:
     out = Path(args.output) if args.output else src.with_suffix(".llmcc")
     if out.resolve() == src.resolve():
         raise LlmccError(f"-o {out}: that is the input model; choose another output path")
-    module = llmcc.compile(src, target=args.target, quant=args.quant, verify=not args.no_verify, seed=args.seed,
+    if args.calib and not Path(args.calib).is_file():
+        raise LlmccError(f"--calib {args.calib}: no such file")
+    module = llmcc.compile(src, target=args.target, quant=args.quant, max_error=args.max_error, calib=args.calib,
+                           quantize_head=not args.keep_head, verify=not args.no_verify, seed=args.seed,
                            debug=args.debug)
     module.save(out)
     _print_summary(module.report, out)
@@ -68,9 +71,21 @@ def _print_summary(report: dict, path) -> None:
     print(f"wrote {path}  target={report['target']}  verify: {verdict}")
     print(f"passes that rewrote: {', '.join(fired) or 'none'}")
     print("timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in report["timings"].items()))
+    if report.get("quant", {}).get("scheme", "none") != "none":
+        print(_quant_summary(report["quant"]))
     if "cuda_binary" in report:
         cb = report["cuda_binary"]
         print(f"CUDA binary: SASS {cb.get('sass_archs')}, PTX {cb.get('ptx_archs')}")
+
+
+def _quant_summary(q: dict) -> str:
+    kept = [f"{layer['name']}={layer['scheme']}" for layer in q["layers"] if layer["scheme"] != q["scheme"]]
+    error = (f"error {q['error']:.3g} (measured)" if q.get("error") is not None
+             else f"error {q['estimated_error']:.3g} (estimated with onnxruntime, not measured on the module)")
+    wb = q["weight_bytes"]
+    return (f"quant {q['scheme']}: {error} <= --max-error {q['max_error']:g}; matmul weights {wb['stored']} of "
+            f"{wb['float32']} float32 bytes ({wb['ratio']}); "
+            f"kept at higher precision: {', '.join(kept) or 'none'}")
 
 
 def _load_inputs(module, args) -> dict:
@@ -142,6 +157,8 @@ def cmd_inspect(args) -> int:
     print(f"weights   {len(manifest['weights']['tensors'])} tensors, {manifest['weights']['bytes']} bytes")
     print("passes    " + ", ".join(f"{p['name']}({p['rewrites']})" for p in report["passes"]))
     print(f"verify    {_verdict(report['verify'])}")
+    if report.get("quant", {}).get("scheme", "none") != "none":
+        print(_quant_summary(report["quant"]))
     if "cuda_binary" in report:
         print(f"cuda      {report['cuda_binary']}")
     return 0
@@ -160,7 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compile", help="compile an ONNX model into an artifact")
     p.add_argument("model", help="the ONNX file")
     p.add_argument("--target", default="cpu", choices=_targets())
-    p.add_argument("--quant", default="none", choices=_quant_schemes())
+    p.add_argument("--quant", default="none", choices=_quant_schemes(), help="weight quantization scheme")
+    p.add_argument("--max-error", type=float, default=None, metavar="E",
+                   help="accuracy gate: relative error of the outputs vs float32 (default: the scheme's)")
+    p.add_argument("--calib", metavar="FILE.npz", help="calibration inputs for the gate (default: random)")
+    p.add_argument("--keep-head", action="store_true", help="keep the output head in float32")
     p.add_argument("-o", "--output", help="artifact folder (default: MODEL with suffix .llmcc)")
     p.add_argument("--no-verify", action="store_true", help="skip the check against onnxruntime")
     p.add_argument("--seed", type=int, default=None, help="seed of the verification inputs (default: fresh)")

@@ -16,10 +16,9 @@ from llmcc.errors import BuildFailure, LlmccError, VerificationFailure
 from llmcc.frontend import onnx_import
 from llmcc.inputs import index_bounds
 from llmcc.module import CompiledModule
+from llmcc.quant import gate
+from llmcc.quant import get as quant_scheme
 from llmcc.targets import resolve
-
-
-QUANT_SCHEMES = ("none",)  # the quantization registry lands with its issue; "none" keeps fp32 weights
 
 
 def _versions() -> dict:
@@ -48,17 +47,23 @@ def _quiet_native_warnings():
             os.close(saved)
 
 
-def compile(model, *, target: str = "cpu", quant: str = "none", example_inputs=None, verify: bool = True,
-            seed: int | None = None, debug: bool = False) -> CompiledModule:  # noqa: A001 (the API's name)
-    """Compile an ONNX file, ModelProto or torch.nn.Module for ``target``; verified unless ``verify=False``."""
+def compile(model, *, target: str = "cpu", quant: str = "none", max_error: float | None = None, calib=None,
+            quantize_head: bool = True, example_inputs=None, verify: bool = True, seed: int | None = None,
+            debug: bool = False) -> CompiledModule:  # noqa: A001 (the API's name)
+    """Compile an ONNX file, ModelProto or torch.nn.Module for ``target``; verified unless ``verify=False``.
+
+    ``quant`` names a scheme in ``llmcc.quant.SCHEMES``; the accuracy gate keeps the outputs' relative error vs
+    float32 within ``max_error`` (the scheme's default when None) on the ``calib`` inputs (.npz; random when None).
+    """
     with _quiet_native_warnings():
-        return _compile(model, target=target, quant=quant, example_inputs=example_inputs, verify=verify, seed=seed,
+        return _compile(model, target=target, quant=quant, max_error=max_error, calib=calib,
+                        quantize_head=quantize_head, example_inputs=example_inputs, verify=verify, seed=seed,
                         debug=debug)
 
 
-def _compile(model, *, target, quant, example_inputs, verify, seed, debug) -> CompiledModule:
-    if quant not in QUANT_SCHEMES:
-        raise LlmccError(f"unknown quantization '{quant}'; choose one of: {', '.join(QUANT_SCHEMES)}")
+def _compile(model, *, target, quant, max_error, calib, quantize_head, example_inputs, verify, seed,
+             debug) -> CompiledModule:
+    scheme = quant_scheme(quant)
     spec = resolve(target)
     timings: dict[str, float] = {}
 
@@ -80,7 +85,14 @@ def _compile(model, *, target, quant, example_inputs, verify, seed, debug) -> Co
     mod = onnx_import.import_model(proto)
     timings["import"] = time.perf_counter() - start
 
-    result = pipeline_mod.run(mod, spec, pipeline_mod.PipelineOptions(debug=debug))
+    plan = None
+    if scheme.weight is not None:
+        start = time.perf_counter()
+        plan = gate.plan(proto, scheme, max_error=max_error, calib=calib, quantize_head=quantize_head, seed=seed)
+        timings["quant_plan"] = time.perf_counter() - start
+
+    options = pipeline_mod.PipelineOptions(debug=debug, quant_formats=plan.formats() if plan else {})
+    result = pipeline_mod.run(mod, spec, options)
     timings.update(result.timings)
 
     start = time.perf_counter()
@@ -101,7 +113,7 @@ def _compile(model, *, target, quant, example_inputs, verify, seed, debug) -> Co
         "source": source,
         "target": spec.name,
         "target_detail": spec.to_json(),
-        "quant": {"scheme": quant},
+        "quant": gate.report(plan, None, result.quantized) if plan else {"scheme": "none"},
         "inputs": [s.to_json() for s in inputs],
         "outputs": [s.to_json() for s in outputs],
         "passes": [{"name": p["name"], "phase": p["phase"], "rewrites": p["rewrites"]} for p in result.passes],
@@ -134,13 +146,25 @@ def _compile(model, *, target, quant, example_inputs, verify, seed, debug) -> Co
             start = time.perf_counter()
             from llmcc.verify import verify as run_verify
 
-            report["verify"] = run_verify(module, proto, seed=seed)
+            # a quantized module must compute exactly what its plan says (the float model with the plan's
+            # dequantized weights), and the plan must keep the budget on the compiled module too
+            reference = gate.simulated_model(plan, set(result.quantized)) if plan else proto
+            report["verify"] = run_verify(module, reference, seed=seed)
+            if plan:
+                report["verify"]["reference"] += " (float model with the quantized weights dequantized)"
             timings["verify"] = time.perf_counter() - start
             if not report["verify"]["passed"]:
                 v = report["verify"]
                 raise VerificationFailure(
                     f"compiled module disagrees with {v['reference']}: relative error {v['rel_err']:.3g} > "
                     f"tolerance {v['tolerance']:.3g} (max abs {v['max_abs_err']:.3g}); nothing was written")
+            if plan:
+                error = gate.measure(module, plan)
+                report["quant"]["error"] = error
+                if error > plan.max_error:
+                    raise VerificationFailure(
+                        f"--quant {scheme.name}: output error {error:.3g} vs float32 exceeds --max-error "
+                        f"{plan.max_error:g} on the compiled module; nothing was written")
     return module
 
 

@@ -1,7 +1,7 @@
 """The pass pipeline: what runs between ONNX import and code generation, in phases.
 
     graph     llmcc's graph passes on the imported Relax (attention fusion, LoRA merge land here)
-    quantize  weight quantization (lands here)
+    quantize  matmul weights packed to the accuracy gate's plan, dequantization fused into the matmul
     weights   weights become parameters, stored beside the library
     lower     ops become TIR PrimFuncs, fused
     schedule  schedule rules from llmcc.schedules for the target
@@ -25,6 +25,7 @@ from llmcc.passes import TvmPass
 from llmcc.passes.apply_schedule_rules import ApplyScheduleRules
 from llmcc.passes.fuse_attention import FuseAttention
 from llmcc.passes.lift_weights import LiftWeights
+from llmcc.passes.quantize_weights import QuantizeWeights
 from llmcc.targets import TargetSpec
 
 log = logging.getLogger("llmcc")
@@ -34,6 +35,7 @@ log = logging.getLogger("llmcc")
 class PipelineOptions:
     debug: bool = False  # well-formedness check after every phase
     fuse_attention: bool = False  # rewrite attention sites to one fused op (see graph_phase)
+    quant_formats: dict = field(default_factory=dict)  # weight fingerprint -> (layer, format), from the gate
 
 
 @dataclass
@@ -44,6 +46,7 @@ class PipelineResult:
     kernels: list = field(default_factory=list)  # [{"name", "rule"}] for scheduled targets
     attention: list = field(default_factory=list)  # [{"site", "kind", "fused", "reason", "kernel"}]
     timings: dict = field(default_factory=dict)  # phase -> seconds
+    quantized: dict = field(default_factory=dict)  # weight fingerprint -> bytes stored, for quantized weights
 
 
 def _count_relax_calls(mod, pred=lambda call: True) -> int:
@@ -86,7 +89,7 @@ def graph_phase(target: TargetSpec, options: PipelineOptions) -> list:
 
 
 def quantize_phase(target: TargetSpec, options: PipelineOptions) -> list:
-    return []
+    return [QuantizeWeights(options.quant_formats)] if options.quant_formats else []
 
 
 def weights_phase(target: TargetSpec, options: PipelineOptions) -> list:
@@ -149,6 +152,8 @@ def run(mod: tvm.IRModule, target: TargetSpec, options: PipelineOptions | None =
                     result.kernels = p.kernels
                 if isinstance(p, FuseAttention):
                     result.attention = p.sites
+                if isinstance(p, QuantizeWeights):
+                    result.quantized = p.quantized
             result.timings[phase] = time.perf_counter() - start
             log.info("phase %s: %.2fs", phase, result.timings[phase])
             if options.debug and not relax.analysis.well_formed(result.mod):

@@ -144,6 +144,33 @@ def _is_load_of(e, buf=None) -> bool:
     return buf is None or e.source.same_as(buf)
 
 
+def _loads_in(e) -> list:
+    """Every buffer load in the expression ``e``."""
+    loads = []
+
+    def walk(x):
+        if not isinstance(x, tvm.ir.Expr):
+            return
+        if isinstance(x, tvm.ir.TensorLoad):
+            loads.append(x)
+            return
+        for attr in ("a", "b", "value", "condition", "true_value", "false_value"):
+            walk(getattr(x, attr, None))
+        for arg in getattr(x, "args", None) or ():
+            walk(arg)
+
+    walk(e)
+    return loads
+
+
+def _is_weight_expr(e, n_var) -> bool:
+    """A load, or a dequantization of loads (casts, shifts, masks, scales) that all read along ``n`` last: the B
+    operand of a weight-quantized matmul, which vectorizes over n like a plain load."""
+    loads = _loads_in(e)
+    return bool(loads) and all(isinstance(ld.indices[-1], tirx.Var) and ld.indices[-1].same_as(n_var)
+                               for ld in loads)
+
+
 def _strip_cast(e):
     while isinstance(e, tirx.Cast):
         e = e.value
@@ -190,7 +217,9 @@ class CpuMatmul(_CpuRule):
         if not isinstance(prod, tirx.Mul):
             return None
         x, y = _strip_cast(prod.a), _strip_cast(prod.b)
-        if not (_is_load_of(x) and _is_load_of(y)):
+        if not _is_load_of(x):
+            x, y = y, x
+        if not _is_load_of(x):
             return None
         # unit axes normalize away: their indices are constants
         if not all(isinstance(i, (tirx.Var, tirx.IntImm)) for i in store.indices):
@@ -207,10 +236,10 @@ class CpuMatmul(_CpuRule):
         n = by_var[out_vars[-1]]
         x_vars, y_vars = _vars_in(x), _vars_in(y)
         # B: n is its last index, A does not use n
-        if n.var in x_vars and n.var not in y_vars:
+        if n.var in x_vars and n.var not in y_vars and _is_load_of(y):
             x, y = y, x
             x_vars, y_vars = y_vars, x_vars
-        if n.var in x_vars or not isinstance(y.indices[-1], tirx.Var) or not y.indices[-1].same_as(n.var):
+        if n.var in x_vars or not _is_weight_expr(y, n.var):
             return None
         if k.var not in x_vars or k.var not in y_vars:
             return None
@@ -275,6 +304,11 @@ class CpuMatmul(_CpuRule):
         n_loop, k_loop = loops[pos[id(n)]], loops[pos[id(k)]]
         batch_loops = [loops[pos[id(it)]] for it in batch]
 
+        chunk = model.gemv_chunk(n_vectors) if gemv and n_vectors and not padded else None
+        if chunk is not None:
+            return self._stream_rows(sch, block, epi, batch_loops, m_loop, n_loop, k_loop, chunk * lanes, lanes,
+                                     _work_is_large(model, [it.dom for it in main.iters]))
+
         n_o, n_i = sch.split(n_loop, factors=[None, nr])
         # n tiles outside m tiles: a K x NR panel of B stays in L1 while every row tile of A streams past it. The m
         # tile loop is not fused into the parallel loop, so the accumulator's row offset stays affine (m_o * MR).
@@ -320,6 +354,30 @@ class CpuMatmul(_CpuRule):
         if m_i is not None:
             sch.unroll(m_i)
         # the accumulator tile is zeroed before the k loop (its loops keep the unroll/vectorize kinds)
+        sch.decompose_reduction(block, k_loop)
+        return sch
+
+
+    @staticmethod
+    def _stream_rows(sch, block, epi, batch_loops, m_loop, n_loop, k_loop, chunk, lanes, big):
+        """GEMV (M = 1) is bound by reading the weight: each thread takes ``chunk`` columns and streams the weight
+        row by row (contiguous, prefetcher-friendly) into an L1-resident accumulator, instead of register tiles
+        that stride through K rows N*4 bytes apart."""
+        n_o, n_i = sch.split(n_loop, factors=[None, chunk])
+        par = batch_loops + ([m_loop] if m_loop is not None else []) + [n_o]
+        sch.reorder(*par, k_loop, n_i)
+        fused = sch.fuse(*par) if len(par) > 1 else par[0]
+        if big:
+            sch.parallel(fused)
+        if epi is None:
+            epi_block = sch.cache_write(block, 0, "local")
+        else:
+            epi_block = epi.block_rv
+            sch.set_scope(block, 0, "local")
+        sch.reverse_compute_at(epi_block, fused, preserve_unit_loops=True)
+        _vectorize_innermost(sch, epi_block, lanes)
+        _, n_l = sch.split(n_i, factors=[None, lanes])
+        sch.vectorize(n_l)
         sch.decompose_reduction(block, k_loop)
         return sch
 

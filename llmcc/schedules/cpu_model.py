@@ -68,6 +68,17 @@ class CpuModel:
                 best = (mr * nv, mr, nv)
         return (best[1], best[2]) if best[0] else (1, 1)
 
+    def gemv_chunk(self, n_vectors: int) -> int | None:
+        """Vectors of N per thread of a GEMV (M = 1) that streams whole weight rows: the largest divisor of N's
+        vector count whose accumulator (``chunk`` vectors) fits half of L1 and that still gives every core a chunk.
+        None when N is too narrow to split."""
+        cap = self.l1_bytes // 2 // (self.vector_bits // 8)
+        best = None
+        for v in range(1, min(n_vectors, cap) + 1):
+            if n_vectors % v == 0 and n_vectors // v >= self.cores:
+                best = v
+        return best
+
     @staticmethod
     def get(target=None) -> "CpuModel":
         mcpu, mattr = _target_attrs(target)

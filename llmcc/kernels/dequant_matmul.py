@@ -1,0 +1,163 @@
+"""Weight-quantized matmul: ``y = x @ dequantize(W_q)``, dequantization fused into the matmul kernel.
+
+Sections: the weight formats and their numpy quantize/dequantize (the reference), the TE kernel that the
+``quantize_weights`` pass emits for each format, and ``dequant_matmul_reference``.
+
+Layouts keep the weight as the matmul reads it, ``[K, N]`` with N (the output channel) innermost, so the CPU matmul
+rule vectorizes over N and reads each packed weight row once per k step:
+
+    fp16   w[K, N] float16                          w = float(w)
+    bf16   w[K, N] uint16 (bfloat16 bits)            w = reinterpret_f32(bits << 16)
+    int8   q[K, N] int8, scale[N]                    w = q * scale[n]         (scale applied after the K sum)
+    int4   q[K/8, N] uint32 (8 k-consecutive nibbles per word), scale[K/G, N] (+ zero[K/G, N] if asymmetric)
+                                                    w = (nibble - 8) * scale  (symmetric)
+                                                    w = (nibble - zero) * scale  (asymmetric)
+
+The dequantized weight never exists in memory: each kernel reads the packed words and converts in registers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+INT4_PER_WORD = 8
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    """How one weight is stored: ``kind`` in fp16 / bf16 / int8 / int4, with the int4 group size and symmetry."""
+
+    kind: str
+    group_size: int = 0
+    symmetric: bool = True
+
+    def check(self, k: int, n: int) -> str | None:
+        """Why a [k, n] weight cannot take this format, or None."""
+        if self.kind == "int4":
+            if k % self.group_size:
+                return f"K={k} is not a multiple of the group size {self.group_size}"
+            if k % INT4_PER_WORD:
+                return f"K={k} is not a multiple of {INT4_PER_WORD}"
+        return None
+
+    @property
+    def tag(self) -> str:
+        if self.kind != "int4":
+            return self.kind
+        return f"int4_g{self.group_size}" + ("" if self.symmetric else "_asym")
+
+
+# ----------------------------------------------------------------------------------------- reference (numpy)
+
+
+def quantize(w: np.ndarray, fmt: WeightFormat) -> list[np.ndarray]:
+    """The stored arrays of a float ``w[K, N]`` in ``fmt`` (the kernel's extra inputs, in order)."""
+    w = np.asarray(w, dtype=np.float32)
+    k, n = w.shape
+    if fmt.kind == "fp16":
+        return [w.astype(np.float16)]
+    if fmt.kind == "bf16":
+        bits = w.view(np.uint32)
+        # round to nearest even on the dropped 16 bits
+        rounded = bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
+        return [(rounded >> np.uint32(16)).astype(np.uint16)]
+    if fmt.kind == "int8":
+        scale = np.maximum(np.abs(w).max(axis=0), 1e-12) / 127.0
+        q = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
+        return [q, scale.astype(np.float32)]
+    if fmt.kind == "int4":
+        why = fmt.check(k, n)
+        if why:
+            raise ValueError(why)
+        g = w.reshape(k // fmt.group_size, fmt.group_size, n)
+        if fmt.symmetric:
+            scale = np.maximum(np.abs(g).max(axis=1), 1e-12) / 7.0
+            q = np.clip(np.round(g / scale[:, None, :]), -8, 7) + 8
+            extra = []
+        else:
+            lo, hi = np.minimum(g.min(axis=1), 0.0), np.maximum(g.max(axis=1), 0.0)
+            scale = np.maximum(hi - lo, 1e-12) / 15.0
+            zero = np.clip(np.round(-lo / scale), 0, 15)
+            q = np.clip(np.round(g / scale[:, None, :]) + zero[:, None, :], 0, 15)
+            extra = [zero.astype(np.float32)]
+        nibbles = q.reshape(k // INT4_PER_WORD, INT4_PER_WORD, n).astype(np.uint32)
+        packed = np.zeros((k // INT4_PER_WORD, n), dtype=np.uint32)
+        for i in range(INT4_PER_WORD):
+            packed |= nibbles[:, i, :] << np.uint32(4 * i)
+        return [packed, scale.astype(np.float32)] + extra
+    raise ValueError(f"unknown weight format {fmt.kind}")
+
+
+def dequantize(arrays: list[np.ndarray], fmt: WeightFormat) -> np.ndarray:
+    """The float32 ``[K, N]`` weight that ``arrays`` stand for: what the kernel computes with."""
+    if fmt.kind == "fp16":
+        return arrays[0].astype(np.float32)
+    if fmt.kind == "bf16":
+        return (arrays[0].astype(np.uint32) << np.uint32(16)).view(np.float32)
+    if fmt.kind == "int8":
+        q, scale = arrays
+        return q.astype(np.float32) * scale[None, :]
+    packed, scale = arrays[0], arrays[1]
+    k8, n = packed.shape
+    nibbles = np.stack([(packed >> np.uint32(4 * i)) & np.uint32(15) for i in range(INT4_PER_WORD)], axis=1)
+    q = nibbles.reshape(k8 * INT4_PER_WORD, n).astype(np.float32)
+    zero = 8.0 if fmt.symmetric else np.repeat(arrays[2], fmt.group_size, axis=0)
+    return (q - zero) * np.repeat(scale, fmt.group_size, axis=0)
+
+
+def dequant_matmul_reference(x: np.ndarray, arrays: list[np.ndarray], fmt: WeightFormat) -> np.ndarray:
+    return np.asarray(x, np.float32) @ dequantize(arrays, fmt)
+
+
+def stored_bytes(arrays: list[np.ndarray]) -> int:
+    return int(sum(a.nbytes for a in arrays))
+
+
+# ----------------------------------------------------------------------------------------- kernel (TE)
+
+
+def dequant_matmul_te(fmt: WeightFormat):
+    """A TE function ``(x[..., K], *stored) -> y[..., N]`` for ``builder.call_te``: one PrimFunc with a dequantize
+    block (inlined into the matmul by the schedule rules), the K reduction, and for int8 the per-channel scale as an
+    epilogue (a scale that does not vary with k is cheaper after the sum, and keeps GEMV rules matching)."""
+    from tvm import te, tirx
+
+    def weight(stored, dtype):
+        if fmt.kind == "fp16":
+            (w,) = stored
+            return lambda k, n: w[k, n].astype(dtype)
+        if fmt.kind == "bf16":
+            (w,) = stored
+            return lambda k, n: tirx.reinterpret("float32", w[k, n].astype("uint32") << tirx.const(16, "uint32")
+                                                 ).astype(dtype)
+        if fmt.kind == "int8":
+            q = stored[0]
+            return lambda k, n: q[k, n].astype(dtype)
+        packed, scale = stored[0], stored[1]
+        zero = stored[2] if not fmt.symmetric else None
+        g = fmt.group_size
+
+        def int4(k, n):
+            shift = (k % INT4_PER_WORD).astype("uint32") * tirx.const(4, "uint32")
+            nibble = ((packed[k // INT4_PER_WORD, n] >> shift) & tirx.const(15, "uint32")).astype(dtype)
+            offset = tirx.const(8.0, dtype) if zero is None else zero[k // g, n].astype(dtype)
+            return (nibble - offset) * scale[k // g, n].astype(dtype)
+
+        return int4
+
+    def kernel(x, *stored):
+        dtype = x.dtype
+        k_dim = x.shape[-1]
+        n_dim = stored[0].shape[-1]
+        w = te.compute((k_dim, n_dim), weight(stored, dtype), name="dequantize")
+        k = te.reduce_axis((0, k_dim), name="k")
+        out_shape = list(x.shape[:-1]) + [n_dim]
+        y = te.compute(out_shape, lambda *i: te.sum(x[tuple(i[:-1]) + (k,)] * w[k, i[-1]], axis=k), name="matmul")
+        if fmt.kind != "int8":
+            return y
+        scale = stored[1]
+        return te.compute(out_shape, lambda *i: y[i] * scale[i[-1]].astype(dtype), name="scale")
+
+    return kernel

@@ -1,0 +1,318 @@
+"""The accuracy gate: which layers take the scheme, which stay at higher precision, and what error that costs.
+
+Works on the ONNX model with onnxruntime as the float32 reference, before anything is compiled:
+
+1. Find the layers: MatMul / Gemm nodes whose weight is a 2-D float32 initializer. The output head (a matmul onto
+   the vocabulary that reaches an output without passing another matmul) is a layer unless ``quantize_head`` is off;
+   embedding tables (Gather) stay float32.
+2. Sensitivity: for each layer alone, swap its weight for the quantized-then-dequantized one and measure the outputs'
+   relative error vs float32 on the calibration inputs.
+3. With every layer quantized, measure again. While the error exceeds the budget, move the most sensitive layer one
+   step up its scheme's fallback chain (int4 -> int8 -> fp16 -> none) and re-measure.
+
+The plan maps each layer's weight (by a fingerprint of its matmul-oriented ``[K, N]`` values, which is how the
+``quantize_weights`` pass finds the same weight in Relax) to the format it gets. The compiled module is then checked
+twice: against onnxruntime on the "simulated" model (the plan's dequantized weights in place: the kernels must match
+it to float32 precision), and against float32 (its error must be within the budget).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from llmcc.errors import InputError, LlmccError
+from llmcc.kernels.dequant_matmul import WeightFormat, dequantize, quantize
+from llmcc.quant.schemes import SCHEMES, QuantScheme
+
+
+@dataclass
+class Layer:
+    name: str               # module path from the exporter's metadata, else the node name
+    node: str               # ONNX node name
+    initializer: str
+    transposed: bool        # Gemm transB: the initializer is [N, K]
+    shape: tuple[int, int]  # [K, N] as the matmul reads it
+    is_head: bool = False
+
+    def matmul_weight(self, inits: dict) -> np.ndarray:
+        w = numpy_helper.to_array(inits[self.initializer]).astype(np.float32)
+        return np.ascontiguousarray(w.T) if self.transposed else w
+
+
+@dataclass
+class LayerPlan:
+    layer: Layer
+    scheme: str                # the scheme this layer ends up with ("none": float32)
+    sensitivity: float = 0.0   # output error with only this layer quantized at the requested scheme
+    reason: str = ""           # why it is not at the requested scheme
+    fingerprint: str = ""      # of the [K, N] float32 weight: how quantize_weights finds it in Relax
+
+
+@dataclass
+class QuantPlan:
+    scheme: QuantScheme
+    max_error: float
+    layers: list[LayerPlan]
+    estimated_error: float = 0.0         # onnxruntime, plan's weights in place, calibration inputs
+    calibration: list = field(default_factory=list, repr=False)  # the feeds
+    skipped: list = field(default_factory=list)  # [{"name", "reason"}] weights that are not layers
+    simulator: object = field(default=None, repr=False)
+
+    def formats(self) -> dict[str, tuple[str, WeightFormat]]:
+        """fingerprint -> (layer name, weight format) for every layer that is quantized."""
+        return {lp.fingerprint: (lp.layer.name, SCHEMES[lp.scheme].weight)
+                for lp in self.layers if SCHEMES[lp.scheme].weight is not None}
+
+
+def fingerprint(w: np.ndarray) -> str:
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    return hashlib.sha1(repr(w.shape).encode() + w.tobytes()).hexdigest()
+
+
+def _module_path(node: onnx.NodeProto) -> str | None:
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            try:
+                scopes = json.loads(prop.value.replace("'", '"'))
+            except ValueError:
+                return None
+            # the scopes nest ('hf.model', 'hf.model.layers.0', ...) and end with the op ('linear'): the module is the
+            # last scope that extends the one before it
+            module = None
+            for scope in scopes:
+                if scope and (module is None or scope.startswith(module + ".")):
+                    module = scope
+            return module
+    return None
+
+
+def _attr(node, name, default):
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def find_layers(proto: onnx.ModelProto, quantize_head: bool = True) -> tuple[list[Layer], list[dict]]:
+    """(layers, skipped): the matmuls with a constant 2-D float32 weight, and the weights left alone with why."""
+    graph = proto.graph
+    inits = {i.name: i for i in graph.initializer}
+    layers, skipped = [], []
+    for node in graph.node:
+        if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        init = inits[node.input[1]]
+        if len(init.dims) != 2 or init.data_type != onnx.TensorProto.FLOAT:
+            continue
+        transposed = False
+        if node.op_type == "Gemm":
+            if _attr(node, "transA", 0) or _attr(node, "alpha", 1.0) != 1.0:
+                skipped.append({"name": node.name, "reason": "Gemm with transA or alpha != 1"})
+                continue
+            transposed = bool(_attr(node, "transB", 0))
+        k, n = (init.dims[1], init.dims[0]) if transposed else (init.dims[0], init.dims[1])
+        layers.append(Layer(_module_path(node) or node.name, node.name, init.name, transposed, (int(k), int(n))))
+    for node in graph.node:
+        if node.op_type == "Gather" and node.input and node.input[0] in inits:
+            skipped.append({"name": _module_path(node) or node.name, "reason": "embedding table: kept float32"})
+    _mark_heads(proto, layers, inits)
+    if not quantize_head:
+        for layer in [x for x in layers if x.is_head]:
+            skipped.append({"name": layer.name, "reason": "output head: kept float32 (quantize_head off)"})
+        layers = [x for x in layers if not x.is_head]
+    return layers, skipped
+
+
+def _mark_heads(proto, layers, inits) -> None:
+    """A head projects onto the vocabulary (N = an embedding table's rows) and reaches a graph output without
+    passing another matmul."""
+    vocab = {int(inits[n.input[0]].dims[0]) for n in proto.graph.node
+             if n.op_type == "Gather" and n.input and n.input[0] in inits and inits[n.input[0]].dims}
+    producer = {out: node for node in proto.graph.node for out in node.output}
+    reached, stack, seen = set(), [o.name for o in proto.graph.output], set()
+    while stack:
+        name = stack.pop()
+        node = producer.get(name)
+        if node is None or node.name in seen:
+            continue
+        seen.add(node.name)
+        if node.op_type in ("MatMul", "Gemm"):
+            reached.add(node.name)
+            continue
+        stack.extend(node.input)
+    for layer in layers:
+        layer.is_head = layer.node in reached and layer.shape[1] in vocab
+
+
+# ----------------------------------------------------------------------------------------- measuring
+
+
+class _Simulator:
+    """onnxruntime on the model with some layers' weights replaced by their dequantized values."""
+
+    def __init__(self, proto: onnx.ModelProto, layers: list[Layer], feeds: list[dict]):
+        import onnxruntime as ort
+
+        self.ort = ort
+        self.proto, self.feeds = proto, feeds
+        self.inits = {i.name: i for i in proto.graph.initializer}
+        self.weights = {layer.node: layer.matmul_weight(self.inits) for layer in layers}
+        self.dequantized: dict = {}
+        self.reference = [self._session(proto).run(None, feed) for feed in feeds]
+
+    def _session(self, proto):
+        opts = self.ort.SessionOptions()
+        opts.log_severity_level = 3
+        return self.ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+    def dequantized_weight(self, layer: Layer, scheme: str) -> np.ndarray:
+        key = (layer.node, scheme)
+        if key not in self.dequantized:
+            fmt = SCHEMES[scheme].weight
+            self.dequantized[key] = dequantize(quantize(self.weights[layer.node], fmt), fmt)
+        return self.dequantized[key]
+
+    def model(self, assignment: dict[str, tuple[Layer, str]]) -> onnx.ModelProto:
+        """A copy of the model where each layer in ``assignment`` (node -> (layer, scheme)) reads its own new
+        initializer holding the dequantized weight (a weight shared with another node stays as it was there)."""
+        sim = onnx.ModelProto()
+        sim.CopyFrom(self.proto)
+        nodes = {n.name: n for n in sim.graph.node}
+        for node_name, (layer, scheme) in assignment.items():
+            if SCHEMES[scheme].weight is None:
+                continue
+            w = self.dequantized_weight(layer, scheme)
+            w = np.ascontiguousarray(w.T) if layer.transposed else w
+            new_name = f"{layer.initializer}__llmcc_{scheme}_{node_name}"
+            sim.graph.initializer.append(numpy_helper.from_array(w, new_name))
+            nodes[node_name].input[1] = new_name
+        return sim
+
+    def error(self, assignment) -> float:
+        from llmcc.verify import relative_error
+
+        session = self._session(self.model(assignment))
+        worst = 0.0
+        for feed, ref in zip(self.feeds, self.reference):
+            for got, want in zip(session.run(None, feed), ref):
+                if np.issubdtype(np.asarray(want).dtype, np.floating):
+                    worst = max(worst, relative_error(got, want))
+        return worst
+
+
+def calibration_feeds(proto: onnx.ModelProto, calib: str | Path | None, seed: int | None) -> list[dict]:
+    """The calibration inputs: the user's .npz (one array per model input), or random inputs at two sizes."""
+    from llmcc.frontend.onnx_import import graph_signature
+    from llmcc.inputs import dim_settings, index_bounds, random_inputs
+
+    inputs, _ = graph_signature(proto)
+    if calib is None:
+        rng = np.random.default_rng(seed)
+        bounds = index_bounds(proto)
+        return [random_inputs(inputs, dims, rng, bounds) for dims in dim_settings(inputs)[1:]]
+    path = Path(calib)
+    try:
+        data = np.load(path)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"--calib {path}: cannot read it as .npz ({exc})") from None
+    feed = {}
+    for spec in inputs:
+        if spec.name not in data.files:
+            raise InputError(f"--calib {path}: no array for model input '{spec.name}' (it has: "
+                             f"{', '.join(data.files) or 'nothing'})")
+        arr = data[spec.name]
+        if str(arr.dtype) != spec.dtype or arr.ndim != len(spec.shape):
+            raise InputError(f"--calib {path}: '{spec.name}' is {arr.dtype} rank {arr.ndim}; the model wants "
+                             f"{spec.dtype} rank {len(spec.shape)}")
+        feed[spec.name] = arr
+    return [feed]
+
+
+def plan(proto: onnx.ModelProto, scheme: QuantScheme, *, max_error: float | None = None, calib=None,
+         quantize_head: bool = True, seed: int | None = None) -> QuantPlan:
+    """Decide each layer's format so the outputs stay within ``max_error`` of float32 (see the module doc)."""
+    budget = scheme.max_error if max_error is None else float(max_error)
+    if not budget > 0:
+        raise LlmccError(f"--max-error {max_error}: must be a positive relative error")
+    layers, skipped = find_layers(proto, quantize_head)
+    feeds = calibration_feeds(proto, calib, seed)
+    result = QuantPlan(scheme, budget, [], calibration=feeds, skipped=skipped)
+    if not layers:
+        return result
+    sim = _Simulator(proto, layers, feeds)
+    for layer in layers:
+        why = scheme.weight.check(*layer.shape)
+        lp = LayerPlan(layer, scheme.name if why is None else scheme.fallback, reason=why or "",
+                       fingerprint=fingerprint(sim.weights[layer.node]))
+        if why is None:
+            lp.sensitivity = sim.error({layer.node: (layer, scheme.name)})
+        result.layers.append(lp)
+
+    def assignment():
+        return {lp.layer.node: (lp.layer, lp.scheme) for lp in result.layers}
+
+    error = sim.error(assignment())
+    # one step up the fallback chain at a time, most sensitive first, and every layer one step before any two
+    steps = {lp.layer.node: 0 for lp in result.layers}
+    while error > budget:
+        movable = [lp for lp in result.layers if SCHEMES[lp.scheme].fallback is not None]
+        if not movable:
+            raise LlmccError(f"--quant {scheme.name}: cannot meet --max-error {budget:g}: error {error:.3g} even "
+                             f"with every layer at float32")
+        lp = min(movable, key=lambda lp: (steps[lp.layer.node], -lp.sensitivity))
+        steps[lp.layer.node] += 1
+        lp.scheme = SCHEMES[lp.scheme].fallback
+        lp.reason = (f"kept at {lp.scheme}: among the most sensitive layers (output error {lp.sensitivity:.3g} "
+                     f"with only it at {scheme.name})")
+        error = sim.error(assignment())
+    result.estimated_error = error
+    result.simulator = sim
+    return result
+
+
+def simulated_model(p: QuantPlan, quantized_fingerprints: set[str]) -> onnx.ModelProto:
+    """The float model with the dequantized weights of the layers the compiler really quantized."""
+    return p.simulator.model({lp.layer.node: (lp.layer, lp.scheme) for lp in p.layers
+                              if lp.fingerprint in quantized_fingerprints})
+
+
+def measure(module, p: QuantPlan) -> float:
+    """The compiled module's output error vs float32 (onnxruntime) on the calibration inputs."""
+    from llmcc.verify import relative_error
+
+    worst = 0.0
+    for feed, ref in zip(p.calibration, p.simulator.reference):
+        got = module.run(**feed)
+        for spec, want in zip(module.outputs, ref):
+            if np.issubdtype(np.asarray(want).dtype, np.floating):
+                worst = max(worst, relative_error(got[spec.name], want))
+    return worst
+
+
+def report(p: QuantPlan, measured_error: float | None, quantized: dict[str, int]) -> dict:
+    """The report's "quant" section. ``quantized``: fingerprint -> stored bytes, for the layers the pass rewrote."""
+    layers, fp32_bytes, stored = [], 0, 0
+    for lp in p.layers:
+        k, n = lp.layer.shape
+        fp32_bytes += 4 * k * n
+        done = lp.fingerprint in quantized
+        stored += quantized.get(lp.fingerprint, 4 * k * n)
+        entry = {"name": lp.layer.name, "scheme": lp.scheme if done else "none", "error": lp.sensitivity,
+                 "shape": [k, n]}
+        if lp.reason or (not done and lp.scheme != "none"):
+            entry["reason"] = lp.reason or "not found in the lowered graph"
+        layers.append(entry)
+    return {"scheme": p.scheme.name, "error": measured_error, "estimated_error": p.estimated_error,
+            "max_error": p.max_error, "layers": layers, "skipped": p.skipped,
+            "weight_bytes": {"float32": fp32_bytes, "stored": stored,
+                             "ratio": round(stored / fp32_bytes, 4) if fp32_bytes else None},
+            "error_metric": "max over outputs and calibration inputs of ||y - y_fp32|| / ||y_fp32||"}
+
+
