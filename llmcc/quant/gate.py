@@ -64,6 +64,7 @@ class QuantPlan:
     calibration: list = field(default_factory=list, repr=False)  # the feeds
     skipped: list = field(default_factory=list)  # [{"name", "reason"}] weights that are not layers
     simulator: object = field(default=None, repr=False)
+    calibration_source: str = "random inputs"
 
     def formats(self) -> dict[str, tuple[str, WeightFormat]]:
         """fingerprint -> (layer name, weight format) for every layer that is quantized."""
@@ -243,7 +244,8 @@ def plan(proto: onnx.ModelProto, scheme: QuantScheme, *, max_error: float | None
         raise LlmccError(f"--max-error {max_error}: must be a positive relative error")
     layers, skipped = find_layers(proto, quantize_head)
     feeds = calibration_feeds(proto, calib, seed)
-    result = QuantPlan(scheme, budget, [], calibration=feeds, skipped=skipped)
+    result = QuantPlan(scheme, budget, [], calibration=feeds, skipped=skipped,
+                       calibration_source=str(calib) if calib is not None else "random inputs")
     if not layers:
         return result
     sim = _Simulator(proto, layers, feeds)
@@ -272,6 +274,11 @@ def plan(proto: onnx.ModelProto, scheme: QuantScheme, *, max_error: float | None
         lp.reason = (f"kept at {lp.scheme}: among the most sensitive layers (output error {lp.sensitivity:.3g} "
                      f"with only it at {scheme.name})")
         error = sim.error(assignment())
+    if all(SCHEMES[lp.scheme].weight is None for lp in result.layers):
+        least = min(result.layers, key=lambda lp: lp.sensitivity)
+        raise LlmccError(f"--quant {scheme.name}: no layer can be quantized within --max-error {budget:g} (the least "
+                         f"sensitive, {least.layer.name}, alone gives {least.sensitivity:.3g}); raise --max-error or "
+                         f"choose a wider scheme")
     result.estimated_error = error
     result.simulator = sim
     return result
@@ -313,6 +320,7 @@ def report(p: QuantPlan, measured_error: float | None, quantized: dict[str, int]
             "max_error": p.max_error, "layers": layers, "skipped": p.skipped,
             "weight_bytes": {"float32": fp32_bytes, "stored": stored,
                              "ratio": round(stored / fp32_bytes, 4) if fp32_bytes else None},
+            "calibration": f"{p.calibration_source} ({len(p.calibration)} feeds)",
             "error_metric": "max over outputs and calibration inputs of ||y - y_fp32|| / ||y_fp32||"}
 
 
