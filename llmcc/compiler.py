@@ -113,7 +113,9 @@ def _compile(model, *, target, quant, max_error, calib, quantize_head, example_i
         "source": source,
         "target": spec.name,
         "target_detail": spec.to_json(),
-        "quant": gate.report(plan, None, result.quantized) if plan else {"scheme": "none"},
+        "quant": {**(gate.report(plan, None, result.quantized) if plan else {"scheme": "none"}),
+                  # counts the kernels of imported quantized weights (MatMulNBits, QDQ) too
+                  "dequantize_matmul_kernels": sum("dequant_matmul" in k["name"] for k in result.kernels)},
         "inputs": [s.to_json() for s in inputs],
         "outputs": [s.to_json() for s in outputs],
         "passes": [{"name": p["name"], "phase": p["phase"], "rewrites": p["rewrites"]} for p in result.passes],

@@ -24,6 +24,7 @@ from llmcc.errors import BuildFailure
 from llmcc.passes import TvmPass
 from llmcc.passes.apply_schedule_rules import ApplyScheduleRules
 from llmcc.passes.fuse_attention import FuseAttention
+from llmcc.passes.fuse_dequantize_matmul import FuseDequantizeMatmul
 from llmcc.passes.lift_weights import LiftWeights
 from llmcc.passes.quantize_weights import QuantizeWeights
 from llmcc.targets import TargetSpec
@@ -82,7 +83,7 @@ def graph_phase(target: TargetSpec, options: PipelineOptions) -> list:
     # Attention fusion stays opt-in until its flash-style kernel lands: TVM's own lowering of the fused op
     # materialises the seq x seq scores and is slower than the unfused, scheduled graph (llama prefill 37 vs 6 ms).
     fusion = [FuseAttention()] if options.fuse_attention else []
-    return fusion + [
+    return [FuseDequantizeMatmul()] + fusion + [
         TvmPass("fold_constants", relax.transform.FoldConstant,
                 lambda a, b: max(_count_bindings(a) - _count_bindings(b), 0)),
     ]

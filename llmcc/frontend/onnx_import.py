@@ -93,11 +93,14 @@ def import_model(model: onnx.ModelProto):
 
     from llmcc.frontend.onnx_cleanup import clean_model
     from llmcc.frontend.onnx_converters import CONVERTERS
+    from llmcc.frontend.onnx_quantized import CONTRIB_CONVERTERS
 
     model = clean_model(model)
     opset = model_opset(model)
     supported = set(tvm_onnx._get_convert_map()) | set(CONVERTERS) | {"If", "Constant"}
     for node in model.graph.node:
+        if node.domain == "com.microsoft" and node.op_type in CONTRIB_CONVERTERS:
+            continue
         if node.op_type not in supported or node.domain not in ("", "ai.onnx"):
             raise ImportFailure(f"unsupported ONNX op {node.domain + '.' if node.domain else ''}{node.op_type} "
                                 f"(node '{node.name}', opset {opset})")
@@ -109,6 +112,7 @@ def import_model(model: onnx.ModelProto):
     def convert_map():
         table = original_map()
         table.update(CONVERTERS)
+        table.update(CONTRIB_CONVERTERS)
         return table
 
     def convert_operator(self, op_name, inputs, attrs, opset_):

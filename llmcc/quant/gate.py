@@ -159,19 +159,17 @@ class _Simulator:
     """onnxruntime on the model with some layers' weights replaced by their dequantized values."""
 
     def __init__(self, proto: onnx.ModelProto, layers: list[Layer], feeds: list[dict]):
-        import onnxruntime as ort
-
-        self.ort = ort
         self.proto, self.feeds = proto, feeds
         self.inits = {i.name: i for i in proto.graph.initializer}
         self.weights = {layer.node: layer.matmul_weight(self.inits) for layer in layers}
         self.dequantized: dict = {}
         self.reference = [self._session(proto).run(None, feed) for feed in feeds]
 
-    def _session(self, proto):
-        opts = self.ort.SessionOptions()
-        opts.log_severity_level = 3
-        return self.ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    @staticmethod
+    def _session(proto):
+        from llmcc.verify import ort_session
+
+        return ort_session(proto)
 
     def dequantized_weight(self, layer: Layer, scheme: str) -> np.ndarray:
         key = (layer.node, scheme)
