@@ -125,3 +125,13 @@ def test_calibration_file_is_used(tiny_onnx, tmp_path):
     module = llmcc.compile(tiny_onnx, quant="int8", calib=calib)
     assert module.report["quant"]["error"] <= SCHEMES["int8"].max_error
     assert module.report["quant"]["calibration"] == f"{calib} (1 feeds)"
+
+
+def test_quantized_decode_builds_for_cuda():
+    """The fused kernels cross-compile for sm_80 (numerics on a GPU: tools/gpu_check.py); with no GPU the report
+    gives the gate's onnxruntime estimate and says the module was not measured."""
+    module = llmcc.compile(zoo.onnx_path("llama-decode"), target="cuda:sm_80", quant="int4")
+    q = module.report["quant"]
+    assert q["error"] is None and 0 < q["estimated_error"] <= q["max_error"]
+    sass = module.report["cuda_binary"]["sass_kernels"]["sm_80"]
+    assert sum("dequant_matmul_int4_g32" in name for name in sass) >= 2
