@@ -51,7 +51,7 @@ def cmd_compile(args) -> int:
     if args.calib and not Path(args.calib).is_file():
         raise LlmccError(f"--calib {args.calib}: no such file")
     module = llmcc.compile(src, target=args.target, quant=args.quant, max_error=args.max_error, calib=args.calib,
-                           quantize_head=not args.keep_head, verify=not args.no_verify, seed=args.seed,
+                           quantize_head=not args.keep_head, quantize_embeddings=not args.keep_embeddings, verify=not args.no_verify, seed=args.seed,
                            debug=args.debug)
     module.save(out)
     _print_summary(module.report, out)
@@ -182,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accuracy gate: relative error of the outputs vs float32 (default: the scheme's)")
     p.add_argument("--calib", metavar="FILE.npz", help="calibration inputs for the gate (default: random)")
     p.add_argument("--keep-head", action="store_true", help="keep the output head in float32")
+    p.add_argument("--keep-embeddings", action="store_true", help="keep embedding tables in float32")
     p.add_argument("-o", "--output", help="artifact folder (default: MODEL with suffix .llmcc)")
     p.add_argument("--no-verify", action="store_true", help="skip the check against onnxruntime")
     p.add_argument("--seed", type=int, default=None, help="seed of the verification inputs (default: fresh)")

@@ -48,7 +48,7 @@ def _quiet_native_warnings():
 
 
 def compile(model, *, target: str = "cpu", quant: str = "none", max_error: float | None = None, calib=None,
-            quantize_head: bool = True, example_inputs=None, verify: bool = True, seed: int | None = None,
+            quantize_head: bool = True, quantize_embeddings: bool = True, example_inputs=None, verify: bool = True, seed: int | None = None,
             debug: bool = False) -> CompiledModule:  # noqa: A001 (the API's name)
     """Compile an ONNX file, ModelProto or torch.nn.Module for ``target``; verified unless ``verify=False``.
 
@@ -57,11 +57,13 @@ def compile(model, *, target: str = "cpu", quant: str = "none", max_error: float
     """
     with _quiet_native_warnings():
         return _compile(model, target=target, quant=quant, max_error=max_error, calib=calib,
-                        quantize_head=quantize_head, example_inputs=example_inputs, verify=verify, seed=seed,
+                        quantize_head=quantize_head, quantize_embeddings=quantize_embeddings,
+                        example_inputs=example_inputs, verify=verify, seed=seed,
                         debug=debug)
 
 
-def _compile(model, *, target, quant, max_error, calib, quantize_head, example_inputs, verify, seed,
+def _compile(model, *, target, quant, max_error, calib, quantize_head, quantize_embeddings, example_inputs, verify,
+             seed,
              debug) -> CompiledModule:
     scheme = quant_scheme(quant)
     spec = resolve(target)
@@ -88,7 +90,8 @@ def _compile(model, *, target, quant, max_error, calib, quantize_head, example_i
     plan = None
     if scheme.weight is not None:
         start = time.perf_counter()
-        plan = gate.plan(proto, scheme, max_error=max_error, calib=calib, quantize_head=quantize_head, seed=seed)
+        plan = gate.plan(proto, scheme, max_error=max_error, calib=calib, quantize_head=quantize_head,
+                         quantize_embeddings=quantize_embeddings, seed=seed)
         timings["quant_plan"] = time.perf_counter() - start
 
     options = pipeline_mod.PipelineOptions(debug=debug, quant_formats=plan.formats() if plan else {})

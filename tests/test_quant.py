@@ -63,6 +63,9 @@ def test_int8_on_gemm_layers_and_weight_size():
     q = module.report["quant"]
     names = {layer["name"] for layer in q["layers"]}
     assert "hf.transformer.h.0.attn.c_attn" in names and "hf.transformer.h.1.mlp.c_proj" in names
+    # the output head is MatMul(x, Transpose(wte)): tied to the embedding, quantized once, stored once
+    assert {"hf.transformer.wte", "hf.lm_head"} <= names
+    assert any(k["name"].startswith("dequant_take_int8") for k in module.report["kernels"])
     assert all(layer["scheme"] == "int8" for layer in q["layers"])
     assert q["error"] <= SCHEMES["int8"].max_error
     assert 0.25 <= q["weight_bytes"]["ratio"] <= 0.27  # 1 byte per weight + one float scale per column
@@ -73,10 +76,15 @@ def test_fp16_is_nearly_lossless_and_int4_respects_group_size(tiny_onnx):
     fp16 = llmcc.compile(tiny_onnx, quant="fp16")
     assert fp16.report["quant"]["error"] < 1e-3
     # the tiny model's weight has K = 16: not a multiple of int4's group of 32, so it falls back, and says why
+    # (and the embedding table's hidden size is 16 too)
     int4 = llmcc.compile(tiny_onnx, quant="int4", max_error=0.5)
-    (layer,) = int4.report["quant"]["layers"]
-    assert layer["scheme"] == "int8" and "group size 32" in layer["reason"]
-    assert int4.report["quant"]["skipped"] == [{"name": "embed", "reason": "embedding table: kept float32"}]
+    layers = {layer["name"]: layer for layer in int4.report["quant"]["layers"]}
+    assert set(layers) == {"embed", "proj"}
+    assert all(lay["scheme"] == "int8" and "group size 32" in lay["reason"] for lay in layers.values())
+    kept = llmcc.compile(tiny_onnx, quant="int8", quantize_embeddings=False)
+    assert [layer["name"] for layer in kept.report["quant"]["layers"]] == ["proj"]
+    assert kept.report["quant"]["skipped"] == [
+        {"name": "embed", "reason": "embedding table: kept float32 (quantize_embeddings off)"}]
 
 
 def test_unreachable_budget_fails_clearly(tiny_onnx):

@@ -1,7 +1,8 @@
 """Weight-quantized matmul: ``y = x @ dequantize(W_q)``, dequantization fused into the matmul kernel.
 
-Sections: the weight formats and their numpy quantize/dequantize (the reference), the TE kernel that the
-``quantize_weights`` pass emits for each format, and ``dequant_matmul_reference``.
+Sections: the weight formats and their numpy quantize/dequantize (the reference), the TE kernels that the
+``quantize_weights`` pass emits for each format (the matmul, and the embedding gather ``dequant_take_te``), and
+``dequant_matmul_reference``.
 
 Layouts keep the weight as the matmul reads it, ``[K, N]`` with N (the output channel) innermost, so the CPU matmul
 rule vectorizes over N and reads each packed weight row once per k step:
@@ -118,40 +119,64 @@ def stored_bytes(arrays: list[np.ndarray]) -> int:
 # ----------------------------------------------------------------------------------------- kernel (TE)
 
 
+def _weight_expr(fmt: WeightFormat, stored, dtype):
+    """(k, n) -> the dequantized weight element, as a TE expression over the stored arrays."""
+    from tvm import tirx
+
+    if fmt.kind == "fp16":
+        (w,) = stored
+        return lambda k, n: w[k, n].astype(dtype)
+    if fmt.kind == "bf16":
+        (w,) = stored
+        return lambda k, n: tirx.reinterpret("float32", w[k, n].astype("uint32") << tirx.const(16, "uint32")
+                                             ).astype(dtype)
+    if fmt.kind == "int8":
+        q, scale = stored
+        return lambda k, n: q[k, n].astype(dtype)  # the matmul applies the scale after the sum; see below
+    packed, scale = stored[0], stored[1]
+    zero = stored[2] if not fmt.symmetric else None
+    g = fmt.group_size
+
+    def int4(k, n):
+        shift = (k % INT4_PER_WORD).astype("uint32") * tirx.const(4, "uint32")
+        nibble = ((packed[k // INT4_PER_WORD, n] >> shift) & tirx.const(15, "uint32")).astype(dtype)
+        offset = tirx.const(8.0, dtype) if zero is None else zero[k // g, n].astype(dtype)
+        return (nibble - offset) * scale[k // g, n].astype(dtype)
+
+    return int4
+
+
+def dequant_take_te(fmt: WeightFormat, dtype: str = "float32"):
+    """A TE function ``(ids[...], *stored) -> table[ids, :]`` for an embedding table quantized as its transpose
+    ``[H, V]`` (so int8's per-column scale is one scale per vocabulary row): only the gathered rows are dequantized."""
+    from tvm import te
+
+    def kernel(ids, *stored):
+        weight = _weight_expr(fmt, stored, dtype)
+        hidden = stored[0].shape[0] * (INT4_PER_WORD if fmt.kind == "int4" else 1)
+        scale = stored[1] if fmt.kind == "int8" else None
+
+        def row(*i):
+            v = ids[i[:-1]].astype("int64")
+            value = weight(i[-1], v)
+            return value * scale[v].astype(dtype) if scale is not None else value
+
+        return te.compute(list(ids.shape) + [hidden], row, name="dequantize_take")
+
+    return kernel
+
+
 def dequant_matmul_te(fmt: WeightFormat):
     """A TE function ``(x[..., K], *stored) -> y[..., N]`` for ``builder.call_te``: one PrimFunc with a dequantize
     block (inlined into the matmul by the schedule rules), the K reduction, and for int8 the per-channel scale as an
     epilogue (a scale that does not vary with k is cheaper after the sum, and keeps GEMV rules matching)."""
-    from tvm import te, tirx
-
-    def weight(stored, dtype):
-        if fmt.kind == "fp16":
-            (w,) = stored
-            return lambda k, n: w[k, n].astype(dtype)
-        if fmt.kind == "bf16":
-            (w,) = stored
-            return lambda k, n: tirx.reinterpret("float32", w[k, n].astype("uint32") << tirx.const(16, "uint32")
-                                                 ).astype(dtype)
-        if fmt.kind == "int8":
-            q = stored[0]
-            return lambda k, n: q[k, n].astype(dtype)
-        packed, scale = stored[0], stored[1]
-        zero = stored[2] if not fmt.symmetric else None
-        g = fmt.group_size
-
-        def int4(k, n):
-            shift = (k % INT4_PER_WORD).astype("uint32") * tirx.const(4, "uint32")
-            nibble = ((packed[k // INT4_PER_WORD, n] >> shift) & tirx.const(15, "uint32")).astype(dtype)
-            offset = tirx.const(8.0, dtype) if zero is None else zero[k // g, n].astype(dtype)
-            return (nibble - offset) * scale[k // g, n].astype(dtype)
-
-        return int4
+    from tvm import te
 
     def kernel(x, *stored):
         dtype = x.dtype
         k_dim = x.shape[-1]
         n_dim = stored[0].shape[-1]
-        w = te.compute((k_dim, n_dim), weight(stored, dtype), name="dequantize")
+        w = te.compute((k_dim, n_dim), _weight_expr(fmt, stored, dtype), name="dequantize")
         k = te.reduce_axis((0, k_dim), name="k")
         out_shape = list(x.shape[:-1]) + [n_dim]
         y = te.compute(out_shape, lambda *i: te.sum(x[tuple(i[:-1]) + (k,)] * w[k, i[-1]], axis=k), name="matmul")

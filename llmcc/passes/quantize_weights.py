@@ -1,4 +1,5 @@
-"""quantize_weights: matmuls with a planned constant weight become one fused dequantize-matmul kernel.
+"""quantize_weights: matmuls (and embedding gathers) with a planned constant weight become fused dequantizing
+kernels.
 
 Runs in the quantize phase, after constant folding (so a weight the exporter transposed is one constant) and before
 lift_weights (which then stores the packed arrays instead of the float weight). Which weights, and in which format,
@@ -16,6 +17,7 @@ After (int4, group 32)::
                      out_sinfo=R.Tensor((batch, sequence, N), "float32"))
 
 The kernel (``llmcc.kernels.dequant_matmul``) dequantizes in registers; the schedule rules tile it like a matmul.
+An embedding ``R.take(table, ids, axis=0)`` becomes ``dequant_take``: only the gathered rows are dequantized.
 """
 
 from __future__ import annotations
@@ -24,29 +26,38 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from llmcc.kernels.dequant_matmul import dequant_matmul_te, quantize, stored_bytes
+from llmcc.kernels.dequant_matmul import dequant_matmul_te, dequant_take_te, quantize, stored_bytes
 from llmcc.passes import LlmccPass
 from llmcc.quant.gate import fingerprint
 
-_MATMUL = "relax.matmul"
+def _float_matrix(expr) -> np.ndarray | None:
+    if not isinstance(expr, tvm.ir.GenericConst) or len(expr.ty.shape.values) != 2 or str(expr.ty.dtype) != "float32":
+        return None
+    return expr.value.numpy()
 
 
 def _planned_weight(call, formats: dict):
-    """(fingerprint, layer name, format, weight) when ``call`` is x @ W with W a planned float32 constant."""
-    if not (isinstance(call.op, tvm.ir.Op) and call.op.name == _MATMUL):
+    """(kind, fingerprint, format, [K, N] weight) when ``call`` is x @ W or take(E, ids, axis=0) with W (E) a planned
+    float32 constant. An embedding table is planned as its transpose [H, V], one scale per vocabulary row."""
+    if not isinstance(call.op, tvm.ir.Op):
         return None
-    w = call.args[1]
-    if not isinstance(w, tvm.ir.GenericConst) or len(w.ty.shape.values) != 2 or str(w.ty.dtype) != "float32":
+    if call.op.name == "relax.matmul":
+        weight = _float_matrix(call.args[1])
+        x_ty = call.args[0].ty
+        if weight is None or not isinstance(x_ty, relax.TensorType) or str(x_ty.dtype) != "float32" or x_ty.ndim < 2:
+            return None
+        kind = "matmul"
+    elif call.op.name == "relax.take" and int(call.attrs.axis) == 0:
+        table = _float_matrix(call.args[0])
+        if table is None:
+            return None
+        kind, weight = "take", np.ascontiguousarray(table.T)
+    else:
         return None
-    x_ty = call.args[0].ty
-    if not isinstance(x_ty, relax.TensorType) or str(x_ty.dtype) != "float32" or x_ty.ndim < 2:
-        return None
-    value = w.value.numpy()
-    key = fingerprint(value)
+    key = fingerprint(weight)
     if key not in formats:
         return None
-    name, fmt = formats[key]
-    return key, name, fmt, value
+    return kind, key, formats[key][1], weight
 
 
 class QuantizeWeights(LlmccPass):
@@ -84,11 +95,14 @@ class _Rewriter(relax.PyExprMutator):
         found = _planned_weight(call, self.formats)
         if found is None:
             return call
-        key, name, fmt, weight = found
-        if key not in self._stored:
+        kind, key, fmt, weight = found
+        if key not in self._stored:  # a tied embedding and output head share one set of stored arrays
             arrays = quantize(weight, fmt)
             self._stored[key] = [relax.const(np.ascontiguousarray(a)) for a in arrays]
             self.quantized[key] = stored_bytes(arrays)
         self.count += 1
+        if kind == "take":
+            return self.builder_.call_te(dequant_take_te(fmt), call.args[1], *self._stored[key],
+                                         primfunc_name_hint=f"dequant_take_{fmt.tag}")
         return self.builder_.call_te(dequant_matmul_te(fmt), call.args[0], *self._stored[key],
                                      primfunc_name_hint=f"dequant_matmul_{fmt.tag}")

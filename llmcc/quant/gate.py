@@ -2,9 +2,10 @@
 
 Works on the ONNX model with onnxruntime as the float32 reference, before anything is compiled:
 
-1. Find the layers: MatMul / Gemm nodes whose weight is a 2-D float32 initializer. The output head (a matmul onto
-   the vocabulary that reaches an output without passing another matmul) is a layer unless ``quantize_head`` is off;
-   embedding tables (Gather) stay float32.
+1. Find the layers: MatMul / Gemm nodes whose weight is a 2-D float32 initializer, and embedding tables (Gather
+   from a 2-D float32 initializer; quantized per row) unless ``quantize_embeddings`` is off. The output head (a
+   matmul onto the vocabulary that reaches an output without passing another matmul) is a layer unless
+   ``quantize_head`` is off.
 2. Sensitivity: for each layer alone, swap its weight for the quantized-then-dequantized one and measure the outputs'
    relative error vs float32 on the calibration inputs.
 3. With every layer quantized, measure again. While the error exceeds the budget, move the most sensitive layer one
@@ -37,9 +38,15 @@ class Layer:
     name: str               # module path from the exporter's metadata, else the node name
     node: str               # ONNX node name
     initializer: str
-    transposed: bool        # Gemm transB: the initializer is [N, K]
-    shape: tuple[int, int]  # [K, N] as the matmul reads it
+    transposed: bool        # the initializer is [N, K]: Gemm transB, or an embedding table [V, H]
+    shape: tuple[int, int]  # [K, N] as the matmul reads it (an embedding table: [H, V], one scale per row)
     is_head: bool = False
+    kind: str = "matmul"    # or "embedding" (Gather from the table)
+    via_transpose: bool = False  # MatMul(x, Transpose(initializer)): a tied output head, as GPT-2 exports it
+
+    @property
+    def input_index(self) -> int:
+        return 0 if self.kind == "embedding" else 1
 
     def matmul_weight(self, inits: dict) -> np.ndarray:
         w = numpy_helper.to_array(inits[self.initializer]).astype(np.float32)
@@ -101,13 +108,38 @@ def _attr(node, name, default):
     return default
 
 
-def find_layers(proto: onnx.ModelProto, quantize_head: bool = True) -> tuple[list[Layer], list[dict]]:
-    """(layers, skipped): the matmuls with a constant 2-D float32 weight, and the weights left alone with why."""
+def find_layers(proto: onnx.ModelProto, quantize_head: bool = True,
+                quantize_embeddings: bool = True) -> tuple[list[Layer], list[dict]]:
+    """(layers, skipped): matmuls with a constant 2-D float32 weight and embedding tables, and the weights left
+    alone with why."""
     graph = proto.graph
     inits = {i.name: i for i in graph.initializer}
+    producer = {out: node for node in graph.node for out in node.output}
     layers, skipped = [], []
     for node in graph.node:
-        if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2 or node.input[1] not in inits:
+        if node.op_type == "Gather" and len(node.input) == 2 and node.input[0] in inits:
+            init = inits[node.input[0]]
+            if len(init.dims) != 2 or init.data_type != onnx.TensorProto.FLOAT or _attr(node, "axis", 0) != 0:
+                continue
+            name = _module_path(node) or node.name
+            if not quantize_embeddings:
+                skipped.append({"name": name, "reason": "embedding table: kept float32 (quantize_embeddings off)"})
+                continue
+            layers.append(Layer(name, node.name, init.name, True, (int(init.dims[1]), int(init.dims[0])),
+                                kind="embedding"))
+            continue
+        if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
+            continue
+        source = producer.get(node.input[1])
+        if (node.op_type == "MatMul" and node.input[1] not in inits and source is not None
+                and source.op_type == "Transpose" and source.input[0] in inits
+                and list(_attr(source, "perm", [1, 0])) == [1, 0]):
+            init = inits[source.input[0]]
+            if len(init.dims) == 2 and init.data_type == onnx.TensorProto.FLOAT:
+                layers.append(Layer(_module_path(node) or node.name, node.name, init.name, True,
+                                    (int(init.dims[1]), int(init.dims[0])), via_transpose=True))
+            continue
+        if node.input[1] not in inits:
             continue
         init = inits[node.input[1]]
         if len(init.dims) != 2 or init.data_type != onnx.TensorProto.FLOAT:
@@ -120,9 +152,6 @@ def find_layers(proto: onnx.ModelProto, quantize_head: bool = True) -> tuple[lis
             transposed = bool(_attr(node, "transB", 0))
         k, n = (init.dims[1], init.dims[0]) if transposed else (init.dims[0], init.dims[1])
         layers.append(Layer(_module_path(node) or node.name, node.name, init.name, transposed, (int(k), int(n))))
-    for node in graph.node:
-        if node.op_type == "Gather" and node.input and node.input[0] in inits:
-            skipped.append({"name": _module_path(node) or node.name, "reason": "embedding table: kept float32"})
     _mark_heads(proto, layers, inits)
     if not quantize_head:
         for layer in [x for x in layers if x.is_head]:
@@ -149,7 +178,7 @@ def _mark_heads(proto, layers, inits) -> None:
             continue
         stack.extend(node.input)
     for layer in layers:
-        layer.is_head = layer.node in reached and layer.shape[1] in vocab
+        layer.is_head = layer.kind == "matmul" and layer.node in reached and layer.shape[1] in vocab
 
 
 # ----------------------------------------------------------------------------------------- measuring
@@ -188,10 +217,10 @@ class _Simulator:
             if SCHEMES[scheme].weight is None:
                 continue
             w = self.dequantized_weight(layer, scheme)
-            w = np.ascontiguousarray(w.T) if layer.transposed else w
+            w = np.ascontiguousarray(w.T) if layer.transposed and not layer.via_transpose else w
             new_name = f"{layer.initializer}__llmcc_{scheme}_{node_name}"
             sim.graph.initializer.append(numpy_helper.from_array(w, new_name))
-            nodes[node_name].input[1] = new_name
+            nodes[node_name].input[layer.input_index] = new_name
         return sim
 
     def error(self, assignment) -> float:
@@ -235,12 +264,12 @@ def calibration_feeds(proto: onnx.ModelProto, calib: str | Path | None, seed: in
 
 
 def plan(proto: onnx.ModelProto, scheme: QuantScheme, *, max_error: float | None = None, calib=None,
-         quantize_head: bool = True, seed: int | None = None) -> QuantPlan:
+         quantize_head: bool = True, quantize_embeddings: bool = True, seed: int | None = None) -> QuantPlan:
     """Decide each layer's format so the outputs stay within ``max_error`` of float32 (see the module doc)."""
     budget = scheme.max_error if max_error is None else float(max_error)
     if not budget > 0:
         raise LlmccError(f"--max-error {max_error}: must be a positive relative error")
-    layers, skipped = find_layers(proto, quantize_head)
+    layers, skipped = find_layers(proto, quantize_head, quantize_embeddings)
     feeds = calibration_feeds(proto, calib, seed)
     result = QuantPlan(scheme, budget, [], calibration=feeds, skipped=skipped,
                        calibration_source=str(calib) if calib is not None else "random inputs")
@@ -258,6 +287,16 @@ def plan(proto: onnx.ModelProto, scheme: QuantScheme, *, max_error: float | None
     def assignment():
         return {lp.layer.node: (lp.layer, lp.scheme) for lp in result.layers}
 
+    # layers with the same weight (a tied embedding and output head) are stored once, so they move together
+    tied: dict[str, list] = {}
+    for lp in result.layers:
+        tied.setdefault(lp.fingerprint, []).append(lp)
+    for group in tied.values():
+        if len(group) > 1:
+            highest = next((lp.scheme for lp in group if lp.scheme != scheme.name), scheme.name)
+            for lp in group:
+                lp.scheme = highest
+
     error = sim.error(assignment())
     # one step up the fallback chain at a time, most sensitive first, and every layer one step before any two
     steps = {lp.layer.node: 0 for lp in result.layers}
@@ -266,11 +305,13 @@ def plan(proto: onnx.ModelProto, scheme: QuantScheme, *, max_error: float | None
         if not movable:
             raise LlmccError(f"--quant {scheme.name}: cannot meet --max-error {budget:g}: error {error:.3g} even "
                              f"with every layer at float32")
-        lp = min(movable, key=lambda lp: (steps[lp.layer.node], -lp.sensitivity))
-        steps[lp.layer.node] += 1
-        lp.scheme = SCHEMES[lp.scheme].fallback
-        lp.reason = (f"kept at {lp.scheme}: among the most sensitive layers (output error {lp.sensitivity:.3g} "
-                     f"with only it at {scheme.name})")
+        chosen = min(movable, key=lambda lp: (steps[lp.layer.node], -lp.sensitivity))
+        fallback = SCHEMES[chosen.scheme].fallback
+        for lp in tied[chosen.fingerprint]:
+            steps[lp.layer.node] += 1
+            lp.scheme = fallback
+            lp.reason = (f"kept at {lp.scheme}: among the most sensitive layers (output error "
+                         f"{chosen.sensitivity:.3g} with only {chosen.layer.name} at {scheme.name})")
         error = sim.error(assignment())
     if all(SCHEMES[lp.scheme].weight is None for lp in result.layers):
         least = min(result.layers, key=lambda lp: lp.sensitivity)
@@ -303,12 +344,14 @@ def measure(module, p: QuantPlan) -> float:
 
 def report(p: QuantPlan, measured_error: float | None, quantized: dict[str, int]) -> dict:
     """The report's "quant" section. ``quantized``: fingerprint -> stored bytes, for the layers the pass rewrote."""
-    layers, fp32_bytes, stored = [], 0, 0
+    layers, fp32_bytes, stored, counted = [], 0, 0, set()
     for lp in p.layers:
         k, n = lp.layer.shape
-        fp32_bytes += 4 * k * n
         done = lp.fingerprint in quantized
-        stored += quantized.get(lp.fingerprint, 4 * k * n)
+        if lp.fingerprint not in counted:  # a tied embedding and head are stored once
+            counted.add(lp.fingerprint)
+            fp32_bytes += 4 * k * n
+            stored += quantized.get(lp.fingerprint, 4 * k * n)
         entry = {"name": lp.layer.name, "scheme": lp.scheme if done else "none", "error": lp.sensitivity,
                  "shape": [k, n]}
         if lp.reason or (not done and lp.scheme != "none"):

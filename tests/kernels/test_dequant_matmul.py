@@ -7,7 +7,8 @@ import tvm
 from tvm import relax
 
 from llmcc import pipeline
-from llmcc.kernels.dequant_matmul import (WeightFormat, dequant_matmul_reference, dequant_matmul_te, dequantize,
+from llmcc.kernels.dequant_matmul import (WeightFormat, dequant_matmul_reference, dequant_matmul_te, dequant_take_te,
+                                          dequantize,
                                           quantize, stored_bytes)
 from llmcc.targets import resolve
 
@@ -98,3 +99,25 @@ def test_kernel_matches_reference(fmt, static_m, seed):
         want = dequant_matmul_reference(x, arrays, fmt) + 0.5
         rel = np.linalg.norm(got - want) / np.linalg.norm(want)
         assert rel <= 1e-5, f"seed {seed}, m {m}: relative error {rel:.2e}"
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=IDS)
+def test_embedding_gather_matches_reference(fmt, seed):
+    """An embedding table [V, H] quantized as its transpose (int8: one scale per vocabulary row); the gather
+    dequantizes only the rows it reads."""
+    rng = np.random.default_rng(seed)
+    vocab, hidden = int(rng.integers(10, 60)), 128
+    arrays = quantize(np.ascontiguousarray(rng.standard_normal((vocab, hidden)).astype(np.float32).T), fmt)
+    bb = relax.BlockBuilder()
+    ids = relax.Var("ids", relax.TensorType((tvm.tirx.Var("batch", "int64"), tvm.tirx.Var("sequence", "int64")),
+                                            "int64"))
+    with bb.function("main", [ids]):
+        with bb.dataflow():
+            out = bb.emit_output(bb.call_te(dequant_take_te(fmt), ids, *[relax.const(a) for a in arrays]))
+        bb.emit_func_output(out)
+    spec = resolve("cpu")
+    result = pipeline.run(bb.get(), spec)
+    vm = relax.VirtualMachine(tvm.compile(result.mod, target=spec.tvm_target(), relax_pipeline=None), tvm.cpu())
+    x = rng.integers(0, vocab, (2, 7)).astype(np.int64)
+    got = vm["main"](tvm.runtime.tensor(x), *[tvm.runtime.tensor(w) for _, w in result.weights]).numpy()
+    np.testing.assert_array_equal(got, dequantize(arrays, fmt).T[x], err_msg=f"seed {seed}")
