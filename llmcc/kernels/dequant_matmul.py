@@ -24,11 +24,13 @@ from dataclasses import dataclass
 import numpy as np
 
 INT4_PER_WORD = 8
+INT8_KINDS = ("int8", "w8a8")  # w8a8 stores its weight as int8 does; its kernel also quantizes the activations
 
 
 @dataclass(frozen=True)
 class WeightFormat:
-    """How one weight is stored: ``kind`` in fp16 / bf16 / int8 / int4, with the int4 group size and symmetry."""
+    """How one weight is stored: ``kind`` in fp16 / bf16 / int8 / int4 / w8a8 (int8 weights, and the activations
+    quantized per token at run time: ``llmcc.kernels.w8a8_matmul``), with the int4 group size and symmetry."""
 
     kind: str
     group_size: int = 0
@@ -64,7 +66,7 @@ def quantize(w: np.ndarray, fmt: WeightFormat) -> list[np.ndarray]:
         # round to nearest even on the dropped 16 bits
         rounded = bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
         return [(rounded >> np.uint32(16)).astype(np.uint16)]
-    if fmt.kind == "int8":
+    if fmt.kind in INT8_KINDS:
         scale = np.maximum(np.abs(w).max(axis=0), 1e-12) / 127.0
         q = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
         return [q, scale.astype(np.float32)]
@@ -97,7 +99,7 @@ def dequantize(arrays: list[np.ndarray], fmt: WeightFormat) -> np.ndarray:
         return arrays[0].astype(np.float32)
     if fmt.kind == "bf16":
         return (arrays[0].astype(np.uint32) << np.uint32(16)).view(np.float32)
-    if fmt.kind == "int8":
+    if fmt.kind in INT8_KINDS:
         q, scale = arrays
         return q.astype(np.float32) * scale[None, :]
     packed, scale = arrays[0], arrays[1]
@@ -130,7 +132,7 @@ def _weight_expr(fmt: WeightFormat, stored, dtype):
         (w,) = stored
         return lambda k, n: tirx.reinterpret("float32", w[k, n].astype("uint32") << tirx.const(16, "uint32")
                                              ).astype(dtype)
-    if fmt.kind == "int8":
+    if fmt.kind in INT8_KINDS:
         q, scale = stored
         return lambda k, n: q[k, n].astype(dtype)  # the matmul applies the scale after the sum; see below
     packed, scale = stored[0], stored[1]
@@ -154,7 +156,7 @@ def dequant_take_te(fmt: WeightFormat, dtype: str = "float32"):
     def kernel(ids, *stored):
         weight = _weight_expr(fmt, stored, dtype)
         hidden = stored[0].shape[0] * (INT4_PER_WORD if fmt.kind == "int4" else 1)
-        scale = stored[1] if fmt.kind == "int8" else None
+        scale = stored[1] if fmt.kind in INT8_KINDS else None
 
         def row(*i):
             v = ids[i[:-1]].astype("int64")
@@ -180,7 +182,7 @@ def dequant_matmul_te(fmt: WeightFormat):
         k = te.reduce_axis((0, k_dim), name="k")
         out_shape = list(x.shape[:-1]) + [n_dim]
         y = te.compute(out_shape, lambda *i: te.sum(x[tuple(i[:-1]) + (k,)] * w[k, i[-1]], axis=k), name="matmul")
-        if fmt.kind != "int8":
+        if fmt.kind not in INT8_KINDS:
             return y
         scale = stored[1]
         return te.compute(out_shape, lambda *i: y[i] * scale[i[-1]].astype(dtype), name="scale")

@@ -27,6 +27,7 @@ import tvm
 from tvm import relax
 
 from llmcc.kernels.dequant_matmul import dequant_matmul_te, dequant_take_te, quantize, stored_bytes
+from llmcc.kernels.w8a8_matmul import int8_matmul_te, quantize_rows_te
 from llmcc.passes import LlmccPass
 from llmcc.quant.gate import fingerprint
 
@@ -104,5 +105,10 @@ class _Rewriter(relax.PyExprMutator):
         if kind == "take":
             return self.builder_.call_te(dequant_take_te(fmt), call.args[1], *self._stored[key],
                                          primfunc_name_hint=f"dequant_take_{fmt.tag}")
+        if fmt.kind == "w8a8":
+            rows = self.builder_.emit(self.builder_.call_te(quantize_rows_te, call.args[0],
+                                                            primfunc_name_hint="quantize_rows"))
+            return self.builder_.call_te(int8_matmul_te, relax.TupleGetItem(rows, 0), relax.TupleGetItem(rows, 1),
+                                         *self._stored[key], primfunc_name_hint="int8_matmul")
         return self.builder_.call_te(dequant_matmul_te(fmt), call.args[0], *self._stored[key],
                                      primfunc_name_hint=f"dequant_matmul_{fmt.tag}")

@@ -209,18 +209,30 @@ class _Simulator:
 
     def model(self, assignment: dict[str, tuple[Layer, str]]) -> onnx.ModelProto:
         """A copy of the model where each layer in ``assignment`` (node -> (layer, scheme)) reads its own new
-        initializer holding the dequantized weight (a weight shared with another node stays as it was there)."""
+        initializer holding the dequantized weight (a weight shared with another node stays as it was there), and a
+        w8a8 matmul reads its activations through the per-token fake quantization its kernel does."""
         sim = onnx.ModelProto()
         sim.CopyFrom(self.proto)
         nodes = {n.name: n for n in sim.graph.node}
+        before: dict[str, list] = {}
         for node_name, (layer, scheme) in assignment.items():
-            if SCHEMES[scheme].weight is None:
+            fmt = SCHEMES[scheme].weight
+            if fmt is None:
                 continue
             w = self.dequantized_weight(layer, scheme)
             w = np.ascontiguousarray(w.T) if layer.transposed and not layer.via_transpose else w
             new_name = f"{layer.initializer}__llmcc_{scheme}_{node_name}"
             sim.graph.initializer.append(numpy_helper.from_array(w, new_name))
             nodes[node_name].input[layer.input_index] = new_name
+            if fmt.kind == "w8a8" and layer.kind == "matmul":
+                before[node_name] = _fake_quantize_rows(sim, nodes[node_name], f"{node_name}__llmcc_w8a8")
+        if before:
+            ordered = []
+            for node in sim.graph.node:
+                ordered.extend(before.get(node.name, []))
+                ordered.append(node)
+            del sim.graph.node[:]
+            sim.graph.node.extend(ordered)
         return sim
 
     def error(self, assignment) -> float:
@@ -233,6 +245,32 @@ class _Simulator:
                 if np.issubdtype(np.asarray(want).dtype, np.floating):
                     worst = max(worst, relative_error(got, want))
         return worst
+
+
+def _fake_quantize_rows(model: onnx.ModelProto, node: onnx.NodeProto, prefix: str) -> list:
+    """Nodes computing ``llmcc.kernels.w8a8_matmul.quantize_rows_reference`` on ``node``'s first input, in float
+    (q * s), rewired into ``node``; the constants go into ``model``'s initializers."""
+    from onnx import helper
+
+    from llmcc.frontend.onnx_import import model_opset
+    from llmcc.kernels.w8a8_matmul import INT8_MAX, TINY
+
+    x, n = node.input[0], lambda name: f"{prefix}_{name}"
+    model.graph.initializer.extend([numpy_helper.from_array(np.array(INT8_MAX, np.float32), n("int8_max")),
+                                    numpy_helper.from_array(np.array(TINY, np.float32), n("tiny"))])
+    if model_opset(model) >= 18:
+        model.graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), n("axes")))
+        reduce = helper.make_node("ReduceMax", [n("abs"), n("axes")], [n("amax")], keepdims=1, name=n("amax"))
+    else:
+        reduce = helper.make_node("ReduceMax", [n("abs")], [n("amax")], axes=[-1], keepdims=1, name=n("amax"))
+    nodes = [helper.make_node("Abs", [x], [n("abs")], name=n("abs")), reduce,
+             helper.make_node("Div", [n("amax"), n("int8_max")], [n("step")], name=n("step")),
+             helper.make_node("Max", [n("step"), n("tiny")], [n("scale")], name=n("scale")),
+             helper.make_node("Div", [x, n("scale")], [n("scaled")], name=n("scaled")),
+             helper.make_node("Round", [n("scaled")], [n("q")], name=n("q")),
+             helper.make_node("Mul", [n("q"), n("scale")], [n("x")], name=n("x"))]
+    node.input[0] = n("x")
+    return nodes
 
 
 def calibration_feeds(proto: onnx.ModelProto, calib: str | Path | None, seed: int | None) -> list[dict]:

@@ -38,6 +38,8 @@ SCHEMES: dict[str, QuantScheme] = {s.name: s for s in (
     QuantScheme("bf16", "bfloat16 weights, float32 math", WeightFormat("bf16"), max_error=1e-2, fallback="none"),
     QuantScheme("int8", "int8 weights, one symmetric scale per output channel; dequantized in the matmul",
                 WeightFormat("int8"), max_error=0.02, fallback="fp16"),
+    QuantScheme("w8a8", "int8 weights per output channel and int8 activations per token (dynamic), int32 sums",
+                WeightFormat("w8a8"), max_error=0.05, fallback="int8"),
     _int4("int4", 32, True),
     _int4("int4-g128", 128, True),
     _int4("int4-asym", 32, False),

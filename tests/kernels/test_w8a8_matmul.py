@@ -1,0 +1,45 @@
+"""w8a8: the per-token activation quantizer and the int8 x int8 -> int32 matmul, scheduled for the CPU, vs numpy."""
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+
+from llmcc import pipeline
+from llmcc.kernels.dequant_matmul import WeightFormat, quantize
+from llmcc.kernels.w8a8_matmul import (int8_matmul_te, quantize_rows_reference, quantize_rows_te,
+                                       w8a8_matmul_reference)
+from llmcc.targets import resolve
+
+
+def _build(k, arrays):
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((tvm.tirx.Var("batch", "int64"), tvm.tirx.Var("sequence", "int64"), k),
+                                        "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            rows = bb.emit(bb.call_te(quantize_rows_te, x, primfunc_name_hint="quantize_rows"))
+            y = bb.emit(bb.call_te(int8_matmul_te, relax.TupleGetItem(rows, 0), relax.TupleGetItem(rows, 1),
+                                   *[relax.const(a) for a in arrays], primfunc_name_hint="int8_matmul"))
+            out = bb.emit_output(relax.Tuple([relax.TupleGetItem(rows, 0), y]))
+        bb.emit_func_output(out)
+    spec = resolve("cpu")
+    result = pipeline.run(bb.get(), spec)
+    vm = relax.VirtualMachine(tvm.compile(result.mod, target=spec.tvm_target(), relax_pipeline=None), tvm.cpu())
+    return vm, result
+
+
+@pytest.mark.parametrize("seq", [1, 9, 40])
+def test_w8a8_matches_reference(seq, seed):
+    rng = np.random.default_rng(seed)
+    k, n = 64 * int(rng.integers(1, 5)), 8 * int(rng.integers(1, 9))
+    arrays = quantize(rng.standard_normal((k, n)).astype(np.float32), WeightFormat("w8a8"))
+    vm, result = _build(k, arrays)
+    assert {kn["name"]: kn["rule"] for kn in result.kernels}["int8_matmul"] == "CpuMatmul"
+    x = (rng.standard_normal((2, seq, k)) * rng.uniform(0.1, 10)).astype(np.float32)
+    x[0, 0] = 0.0  # an all-zero row must quantize to zeros, not NaN
+    q, y = vm["main"](tvm.runtime.tensor(x), *[tvm.runtime.tensor(w) for _, w in result.weights])
+    np.testing.assert_array_equal(q.numpy(), quantize_rows_reference(x)[0], err_msg=f"seed {seed}")
+    want = w8a8_matmul_reference(x, *arrays)
+    rel = np.linalg.norm(y.numpy() - want) / np.linalg.norm(want)
+    assert rel <= 1e-6 and np.all(y.numpy()[0, 0] == 0), f"seed {seed}: {rel:.2e}"
