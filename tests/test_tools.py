@@ -37,3 +37,15 @@ def test_bench_quick_writes_json_and_markdown(tmp_path):
     assert {"llmcc_ms", "onnxruntime_ms", "torch_ms", "err_llmcc", "err_onnxruntime"} <= set(row)
     assert row["err_llmcc"] <= 1e-5 and row["verify"] is True
     assert "| llama | 1 x 16 |" in (tmp_path / "results.md").read_text()
+
+
+def test_bench_quant_quick_writes_json_and_markdown(tmp_path):
+    r = _run(ROOT / "tools" / "bench_quant.py", "--quick", "--out", tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    data = json.loads((tmp_path / "quant.json").read_text())
+    assert {"bandwidth", "gemv", "decode", "minilm", "gate", "meta"} <= set(data)
+    assert {"llmcc fp32", "llmcc int4", "onnxruntime int8 (dynamic)"} <= {row["system"] for row in data["gemv"]}
+    text = (tmp_path / "quant.md").read_text()
+    for section in ("## Memory bandwidth", "## GEMV chain", "## Tiny Llama decode step", "## all-MiniLM-L6-v2 int8",
+                    "## Accuracy gate"):
+        assert section in text
