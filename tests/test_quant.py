@@ -177,3 +177,25 @@ def test_every_scheme_compiles_and_verifies(scheme):
     assert [layer["scheme"] for layer in q["layers"]] == [scheme, scheme]
     assert module.report["verify"]["passed"] and q["error"] <= 0.5
     assert q["dequantize_matmul_kernels"] + sum("int8_matmul" in k["name"] for k in module.report["kernels"]) >= 1
+
+
+def test_gate_measures_a_fully_static_model():
+    """No symbolic dims: the gate still calibrates (on the one size there is) and enforces the budget."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng()
+    inits = [numpy_helper.from_array((rng.standard_normal((128, 128)) * 0.02).astype(np.float32), f"w{i}")
+             for i in range(3)]
+    nodes = [helper.make_node("MatMul", ["x" if i == 0 else f"h{i}", f"w{i}"], [f"h{i + 1}"], name=f"mm{i}")
+             for i in range(3)]
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 128])],
+                              [helper.make_tensor_value_info("h3", TensorProto.FLOAT, [1, 128])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    module = llmcc.compile(model, quant="int4", max_error=0.05)
+    q = module.report["quant"]
+    assert q["calibration"] == "random inputs (1 feeds)"
+    assert 0 < q["error"] <= 0.05 and all(layer["error"] > 0 for layer in q["layers"])
+    x = rng.standard_normal((1, 128)).astype(np.float32)
+    want = x @ numpy_helper.to_array(inits[0]) @ numpy_helper.to_array(inits[1]) @ numpy_helper.to_array(inits[2])
+    assert relative_error(module.run(x=x)["h3"], want) <= 2 * 0.05

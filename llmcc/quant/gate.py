@@ -282,7 +282,9 @@ def calibration_feeds(proto: onnx.ModelProto, calib: str | Path | None, seed: in
     if calib is None:
         rng = np.random.default_rng(seed)
         bounds = index_bounds(proto)
-        return [random_inputs(inputs, dims, rng, bounds) for dims in dim_settings(inputs)[1:]]
+        settings = dim_settings(inputs)
+        # two sizes of the symbolic dims (the larger ones); a fully static model has just the one
+        return [random_inputs(inputs, dims, rng, bounds) for dims in (settings[1:] or settings)]
     path = Path(calib)
     try:
         data = np.load(path)
