@@ -18,7 +18,10 @@ with at most one injective epilogue (bias, residual add, SiLU gate...) after Fus
 
 The padding (``pad_einsum``) is what keeps the k loop free of tail predicates: with a predicate there, TVM cannot
 bound the accumulator's region, so it stays an M x N buffer in memory (a load and a store per FMA) instead of MR x NR
-registers. Only the write-back is predicated. M = 1 (decode GEMV) is the same schedule with MR = 1.
+registers. Only the write-back is predicated. A GEMV (static M = 1, decode) reads its weight once, so it is bound by
+memory, not FMAs: each thread takes a chunk of N whose accumulator fits in L1 and streams whole weight rows
+(contiguous, prefetched), k unrolled by 8 inside groups of 4 vectors of n (independent FMA chains; an int4 word's
+8 nibbles are shifted by constants).
 
 CpuReduction: softmax, layer/RMS norm, mean: parallel over the rows (the reduction's leading spatial axes), every
 block of the kernel computed per row, injective stages vectorized when the row length is static (a symbolic one,
@@ -307,7 +310,7 @@ class CpuMatmul(_CpuRule):
         chunk = model.gemv_chunk(n_vectors) if gemv and n_vectors and not padded else None
         if chunk is not None:
             return self._stream_rows(sch, block, epi, batch_loops, m_loop, n_loop, k_loop, chunk * lanes, lanes,
-                                     _work_is_large(model, [it.dom for it in main.iters]))
+                                     _work_is_large(model, [it.dom for it in main.iters]), model)
 
         n_o, n_i = sch.split(n_loop, factors=[None, nr])
         # n tiles outside m tiles: a K x NR panel of B stays in L1 while every row tile of A streams past it. The m
@@ -359,7 +362,7 @@ class CpuMatmul(_CpuRule):
 
 
     @staticmethod
-    def _stream_rows(sch, block, epi, batch_loops, m_loop, n_loop, k_loop, chunk, lanes, big):
+    def _stream_rows(sch, block, epi, batch_loops, m_loop, n_loop, k_loop, chunk, lanes, big, model):
         """GEMV (M = 1) is bound by reading the weight: each thread takes ``chunk`` columns and streams the weight
         row by row (contiguous, prefetcher-friendly) into an L1-resident accumulator, instead of register tiles
         that stride through K rows N*4 bytes apart."""
@@ -376,8 +379,23 @@ class CpuMatmul(_CpuRule):
             sch.set_scope(block, 0, "local")
         sch.reverse_compute_at(epi_block, fused, preserve_unit_loops=True)
         _vectorize_innermost(sch, epi_block, lanes)
-        _, n_l = sch.split(n_i, factors=[None, lanes])
+        n_v, n_l = sch.split(n_i, factors=[None, lanes])
         sch.vectorize(n_l)
+        k_ext = _loop_extent(sch, k_loop)
+        n_vectors = chunk // lanes
+        unroll, accumulators = model.gemv_k_unroll, model.gemv_accumulators
+        if k_ext is not None and k_ext % unroll == 0:
+            # k steps unrolled inside each group of ``accumulators`` vectors of n: the accumulators stay in registers
+            # for ``unroll`` FMAs (as independent chains: one chain would wait on FMA latency), and a packed int4
+            # word (8 k-consecutive nibbles) is loaded once and shifted by constants
+            k_o, k_i = sch.split(k_loop, factors=[None, unroll])
+            group = accumulators if n_vectors % accumulators == 0 else 1
+            n_vo, n_vi = sch.split(n_v, factors=[None, group])
+            sch.reorder(k_o, n_vo, k_i, n_vi, n_l)
+            sch.unroll(k_i)
+            if group > 1:
+                sch.unroll(n_vi)
+            k_loop = k_o
         sch.decompose_reduction(block, k_loop)
         return sch
 

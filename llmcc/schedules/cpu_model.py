@@ -41,6 +41,8 @@ class CpuModel:
     l1_bytes: int = 32 * 1024
     parallel_min_elems: int = 1 << 14  # work (output elements x reduction) below which a kernel stays serial
     max_tile_rows: int = 8             # rows of the matmul register tile at most
+    gemv_k_unroll: int = 8             # k steps a GEMV accumulates in registers (= int4 nibbles per packed word)
+    gemv_accumulators: int = 4         # independent accumulator vectors per GEMV k step: FMA latency / throughput
 
     def lanes(self, dtype_bits: int = 32) -> int:
         return max(self.vector_bits // dtype_bits, 1)
