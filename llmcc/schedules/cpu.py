@@ -74,8 +74,9 @@ def _nominal(e) -> int | None:
     return _static(analyzer.simplify(e))
 
 
-def _work_is_large(model: CpuModel, extents) -> bool:
-    """Worth a parallel loop: enough work at typical sizes of the symbolic dims."""
+def _work_is_large(model: CpuModel, extents, injective: bool = False) -> bool:
+    """Worth a parallel loop: enough work at typical sizes of the symbolic dims (``extents``: every loop of the
+    block, reduction ones included)."""
     total = 1
     for e in extents:
         v = _static(e)
@@ -84,7 +85,7 @@ def _work_is_large(model: CpuModel, extents) -> bool:
             if v is None:
                 return True
         total *= v
-    return total >= model.parallel_min_elems
+    return total >= (model.parallel_min_elems if injective else model.parallel_min_work)
 
 
 def _dtype_bits(sch: s_tir.Schedule, block) -> int:
@@ -485,7 +486,7 @@ class CpuFallback(_CpuRule):
             if not loops:
                 continue
             lanes = model.lanes(_dtype_bits(sch, block))
-            big = _work_is_large(model, [it.dom for it in bi.iters])
+            big = _work_is_large(model, [it.dom for it in bi.iters], injective=bi.is_injective())
             if bi.is_injective():
                 if len(loops) > 1 and (_loop_extent(sch, loops[-1]) or lanes) < lanes:
                     loops = [sch.fuse(*loops)]

@@ -39,7 +39,10 @@ class CpuModel:
     cores: int              # threads the runtime will run parallel loops on
     vector_registers: int   # architectural SIMD registers (16 for AVX2, 32 for AVX-512)
     l1_bytes: int = 32 * 1024
-    parallel_min_elems: int = 1 << 14  # work (output elements x reduction) below which a kernel stays serial
+    # Below these a kernel stays serial: a parallel launch costs microseconds (more when another process holds a
+    # core), about what a core needs for 64K copies or 256K multiply-adds
+    parallel_min_elems: int = 1 << 16  # output elements of an injective kernel (copies, elementwise)
+    parallel_min_work: int = 1 << 18   # output elements x reduction length of a matmul or reduction
     max_tile_rows: int = 8             # rows of the matmul register tile at most
     gemv_k_unroll: int = 8             # k steps a GEMV accumulates in registers (= int4 nibbles per packed word)
     gemv_accumulators: int = 4         # independent accumulator vectors per GEMV k step: FMA latency / throughput
