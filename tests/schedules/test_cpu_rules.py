@@ -3,6 +3,7 @@ equal the unscheduled function's (numpy reference), and declines what it must no
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import numpy as np
@@ -23,6 +24,10 @@ def target():
 
 
 def _schedule(rule, func, target):
+    """The structure tests use small shapes: their model parallelizes any size (test_small_kernels_stay_serial
+    checks the real thresholds)."""
+    if rule.model is None:
+        rule.model = dataclasses.replace(CpuModel.get(target), parallel_min_elems=1, parallel_min_work=1)
     with target:
         return rule.apply(func, target, False)
 
@@ -214,7 +219,7 @@ def test_transpose(target):
 
 
 def test_fallback_keeps_tiny_static_kernels_serial(target):
-    sch = _schedule(CpuFallback(), _elementwise_func(n=2), target)
+    sch = _schedule(CpuFallback(CpuModel.get(target)), _elementwise_func(n=2), target)
     assert sch is not None
     text = _script(sch)
     assert "T.vectorized(" in text and "T.parallel(" not in text
@@ -327,3 +332,15 @@ def test_softmax_symbolic_row_length_has_no_predicated_lanes(target):
         res = _run(sch.mod["main"], target, [xs, np.zeros_like(xs)])[-1]
         e = np.exp(xs - xs.max(axis=1, keepdims=True))
         np.testing.assert_allclose(res, e / e.sum(axis=1, keepdims=True), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("n, parallel", [(128, False), (2048, True)])
+def test_small_kernels_stay_serial(target, n, parallel):
+    """A decode-size GEMV (128 x 128: 16K multiply-adds) is cheaper than a parallel launch; a 2048 x 2048 one is
+    not. Same for a copy of 16K vs 4M elements."""
+    with target:
+        sch = CpuMatmul().apply(_matmul_bias_func(m_sym=False, k=n, n=n), target, False)
+    assert ("T.parallel" in _script(sch)) == parallel
+    with target:
+        sch = CpuFallback().apply(_elementwise_func(n=n), target, False)
+    assert ("T.parallel" in _script(sch)) == parallel
