@@ -1,6 +1,7 @@
 """The ``llmcc`` command: a thin layer over the Python API.
 
     llmcc compile model.onnx --target cuda --quant none -o model.llmcc
+    llmcc compile model.onnx --lora adapter_dir[:SCALE] ...     (PEFT LoRA folders merged into the weights)
     llmcc run model.llmcc --random | --input input_ids=ids.npy
     llmcc inspect model.llmcc [--json]
     llmcc demo
@@ -49,7 +50,7 @@ def cmd_compile(args) -> int:
     if out.resolve() == src.resolve():
         raise LlmccError(f"-o {out}: that is the input model; choose another output path")
     module = llmcc.compile(src, target=args.target, quant=args.quant, verify=not args.no_verify, seed=args.seed,
-                           debug=args.debug)
+                           debug=args.debug, lora=args.lora)
     module.save(out)
     _print_summary(module.report, out)
     return 0
@@ -68,9 +69,16 @@ def _print_summary(report: dict, path) -> None:
     print(f"wrote {path}  target={report['target']}  verify: {verdict}")
     print(f"passes that rewrote: {', '.join(fired) or 'none'}")
     print("timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in report["timings"].items()))
+    for line in _lora_lines(report):
+        print(f"LoRA: {line}")
     if "cuda_binary" in report:
         cb = report["cuda_binary"]
         print(f"CUDA binary: SASS {cb.get('sass_archs')}, PTX {cb.get('ptx_archs')}")
+
+
+def _lora_lines(report: dict) -> list[str]:
+    return [f"{a['path']} (scale {a['scale']:g}): {a['merged_weights']} weights merged"
+            for a in report.get("lora", {}).get("adapters", [])]
 
 
 def _load_inputs(module, args) -> dict:
@@ -142,6 +150,8 @@ def cmd_inspect(args) -> int:
     print(f"weights   {len(manifest['weights']['tensors'])} tensors, {manifest['weights']['bytes']} bytes")
     print("passes    " + ", ".join(f"{p['name']}({p['rewrites']})" for p in report["passes"]))
     print(f"verify    {_verdict(report['verify'])}")
+    for line in _lora_lines(report):
+        print(f"lora      {line}")
     if "cuda_binary" in report:
         print(f"cuda      {report['cuda_binary']}")
     return 0
@@ -161,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="the ONNX file")
     p.add_argument("--target", default="cpu", choices=_targets())
     p.add_argument("--quant", default="none", choices=_quant_schemes())
+    p.add_argument("--lora", action="append", metavar="PATH[:SCALE]",
+                   help="PEFT LoRA adapter folder merged into the weights, its update times SCALE (default 1); "
+                        "repeat to add several")
     p.add_argument("-o", "--output", help="artifact folder (default: MODEL with suffix .llmcc)")
     p.add_argument("--no-verify", action="store_true", help="skip the check against onnxruntime")
     p.add_argument("--seed", type=int, default=None, help="seed of the verification inputs (default: fresh)")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import onnx
 
+from llmcc import lora as lora_mod
 from llmcc import pipeline as pipeline_mod
 from llmcc.errors import BuildFailure, LlmccError, VerificationFailure
 from llmcc.frontend import onnx_import
@@ -49,17 +50,22 @@ def _quiet_native_warnings():
 
 
 def compile(model, *, target: str = "cpu", quant: str = "none", example_inputs=None, verify: bool = True,
-            seed: int | None = None, debug: bool = False) -> CompiledModule:  # noqa: A001 (the API's name)
-    """Compile an ONNX file, ModelProto or torch.nn.Module for ``target``; verified unless ``verify=False``."""
+            seed: int | None = None, debug: bool = False, lora=None) -> CompiledModule:  # noqa: A001 (the API's name)
+    """Compile an ONNX file, ModelProto or torch.nn.Module for ``target``; verified unless ``verify=False``.
+
+    ``lora``: PEFT LoRA adapter folders merged into the weights before anything else, each a path, "path:scale" or
+    (path, scale); see llmcc.lora.
+    """
     with _quiet_native_warnings():
         return _compile(model, target=target, quant=quant, example_inputs=example_inputs, verify=verify, seed=seed,
-                        debug=debug)
+                        debug=debug, lora=lora)
 
 
-def _compile(model, *, target, quant, example_inputs, verify, seed, debug) -> CompiledModule:
+def _compile(model, *, target, quant, example_inputs, verify, seed, debug, lora) -> CompiledModule:
     if quant not in QUANT_SCHEMES:
         raise LlmccError(f"unknown quantization '{quant}'; choose one of: {', '.join(QUANT_SCHEMES)}")
     spec = resolve(target)
+    adapters = lora_mod.read_adapters(lora)  # read first: a bad adapter fails before any slow step
     timings: dict[str, float] = {}
 
     start = time.perf_counter()
@@ -76,6 +82,9 @@ def _compile(model, *, target, quant, example_inputs, verify, seed, debug) -> Co
     else:
         raise LlmccError(f"cannot compile a {type(model).__name__}: pass an ONNX path, an onnx.ModelProto or a "
                          f"torch.nn.Module")
+    lora_report = []
+    if adapters:  # merged before import, so verification below runs onnxruntime on the merged model
+        proto, lora_report = lora_mod.merge_adapters(proto, adapters)
     inputs, outputs = onnx_import.graph_signature(proto)
     mod = onnx_import.import_model(proto)
     timings["import"] = time.perf_counter() - start
@@ -102,6 +111,7 @@ def _compile(model, *, target, quant, example_inputs, verify, seed, debug) -> Co
         "target": spec.name,
         "target_detail": spec.to_json(),
         "quant": {"scheme": quant},
+        "lora": {"adapters": lora_report},
         "inputs": [s.to_json() for s in inputs],
         "outputs": [s.to_json() for s in outputs],
         "passes": [{"name": p["name"], "phase": p["phase"], "rewrites": p["rewrites"]} for p in result.passes],
