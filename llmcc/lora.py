@@ -122,9 +122,11 @@ def read_adapters(specs) -> list[LoraAdapter]:
 def read_adapter(spec) -> LoraAdapter:
     """Read and check a PEFT LoRA folder; every problem is a LoraError naming the folder and the culprit."""
     path, user_scale = parse_spec(spec)
+    if not path.exists():
+        hint = " (the text after its last ':' is not a number, so it is no scale)" if ":" in path.name else ""
+        raise LoraError(f"{path}: no such LoRA adapter folder{hint}")
     if not path.is_dir():
-        raise LoraError(f"{path}: no such LoRA adapter folder" if not path.exists() else
-                        f"{path}: a LoRA adapter is a folder (adapter_config.json and adapter_model.safetensors)")
+        raise LoraError(f"{path}: a LoRA adapter is a folder (adapter_config.json and adapter_model.safetensors)")
     config = _read_config(path)
     tensors = _read_tensors(path)
 
@@ -135,8 +137,7 @@ def read_adapter(spec) -> LoraAdapter:
         if m is None:
             others.append(key)
             continue
-        module = m["module"][len(PEFT_PREFIX):] if m["module"].startswith(PEFT_PREFIX) else m["module"]
-        pairs[module][m["which"]] = value
+        pairs[m["module"].removeprefix(PEFT_PREFIX)][m["which"]] = value
     if others:
         what = ("LoRA on embeddings (lora_embedding_A/B)" if any("lora_embedding_" in k for k in others) else
                 "whole tensors (modules_to_save, trainable tokens)")

@@ -115,7 +115,8 @@ def test_merged_graph_keeps_the_base_graph_and_the_users_model(llama_two_adapter
     untouched = base.SerializeToString()
     merged, _ = lora.merge_adapters(base, lora.read_adapters([folder]))
     assert base.SerializeToString() == untouched
-    assert [(n.op_type, list(n.input)) for n in merged.graph.node] == [(n.op_type, list(n.input)) for n in base.graph.node]
+    nodes = [(n.op_type, list(n.input)) for n in base.graph.node]
+    assert [(n.op_type, list(n.input)) for n in merged.graph.node] == nodes
     shapes = {t.name: list(t.dims) for t in base.graph.initializer}
     assert {t.name: list(t.dims) for t in merged.graph.initializer} == shapes
     changed = [t.name for t, u in zip(merged.graph.initializer, base.graph.initializer) if t.raw_data != u.raw_data]
@@ -250,8 +251,11 @@ def test_adapter_spec_parsing(tmp_path):
     assert lora.parse_spec(tmp_path) == (tmp_path, 1.0)
     with pytest.raises(LoraError, match="scale inf is not finite"):
         lora.parse_spec("dir:inf")
-    with pytest.raises(LoraError, match="missing_adapter: no such LoRA adapter folder"):
+    with pytest.raises(LoraError, match="missing_adapter: no such LoRA adapter folder$"):
         lora.read_adapters(str(tmp_path / "missing_adapter"))
+    with pytest.raises(LoraError, match=r"adapter:x: no such LoRA adapter folder \(the text after its last ':' is "
+                                        r"not a number"):
+        lora.read_adapters(f"{tmp_path / 'adapter'}:x")
 
 
 def test_shape_mismatch_names_key_initializer_and_shapes(tmp_path):
@@ -341,8 +345,8 @@ def test_cli_compile_with_two_adapters(cli_case, tmp_path):
 
 @pytest.mark.parametrize("adapter,message", [
     ("prefix", "PEFT type 'PREFIX_TUNING' is not supported; llmcc merges LoRA adapters (peft_type 'LORA')"),
-    ("llama_adapter", "2 adapter module(s) match no weight of the ONNX graph: model.layers.0.self_attn.q_proj, "
-                      "model.layers.1.self_attn.q_proj (the graph's matmul weights are at e.g. blocks.0.down"),
+    ("llama_adapter", ("2 adapter module(s) match no weight of the ONNX graph: model.layers.0.self_attn.q_proj, "
+                       "model.layers.1.self_attn.q_proj (the graph's matmul weights are at e.g. blocks.0.down")),
     ("missing", "missing: no such LoRA adapter folder"),
 ])
 def test_cli_bad_adapter_is_one_line_exit_2_nothing_written(cli_case, tmp_path, adapter, message):
