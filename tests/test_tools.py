@@ -37,3 +37,14 @@ def test_bench_quick_writes_json_and_markdown(tmp_path):
     assert {"llmcc_ms", "onnxruntime_ms", "torch_ms", "err_llmcc", "err_onnxruntime"} <= set(row)
     assert row["err_llmcc"] <= 1e-5 and row["verify"] is True
     assert "| llama | 1 x 16 |" in (tmp_path / "results.md").read_text()
+
+
+def test_bench_lora_smoke_same_kernels_with_and_without_adapter(tmp_path):
+    r = _run(ROOT / "tools" / "bench_lora.py", "--seq", "16", "--repeat", "3", "--rounds", "1", "--out", tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    base, merged, folded = json.loads((tmp_path / "lora.json").read_text())["rows"]
+    assert merged["merged_weights"] == 14 and folded["folded_branches"] == 14
+    assert base["kernels"] == merged["kernels"] == folded["kernels"]
+    assert base["weights"] == merged["weights"] == folded["weights"]
+    assert merged["err_vs_peft"] <= 1e-5 and folded["err_vs_peft"] <= 1e-5
+    assert "| adapter merged (--lora) |" in (tmp_path / "lora.md").read_text()
