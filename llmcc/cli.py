@@ -51,8 +51,8 @@ def cmd_compile(args) -> int:
     if args.calib and not Path(args.calib).is_file():
         raise LlmccError(f"--calib {args.calib}: no such file")
     module = llmcc.compile(src, target=args.target, quant=args.quant, max_error=args.max_error, calib=args.calib,
-                           quantize_head=not args.keep_head, quantize_embeddings=not args.keep_embeddings, verify=not args.no_verify, seed=args.seed,
-                           debug=args.debug)
+                           quantize_head=not args.keep_head, quantize_embeddings=not args.keep_embeddings,
+                           lora=args.lora, verify=not args.no_verify, seed=args.seed, debug=args.debug)
     module.save(out)
     _print_summary(module.report, out)
     return 0
@@ -73,9 +73,16 @@ def _print_summary(report: dict, path) -> None:
     print("timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in report["timings"].items()))
     if report.get("quant", {}).get("scheme", "none") != "none":
         print(_quant_summary(report["quant"]))
+    for line in _lora_lines(report):
+        print(f"LoRA: {line}")
     if "cuda_binary" in report:
         cb = report["cuda_binary"]
         print(f"CUDA binary: SASS {cb.get('sass_archs')}, PTX {cb.get('ptx_archs')}")
+
+
+def _lora_lines(report: dict) -> list[str]:
+    return [f"{a['path']} (scale {a['scale']:g}): {a['merged_weights']} weights merged"
+            for a in report.get("lora", {}).get("adapters", [])]
 
 
 def _quant_summary(q: dict) -> str:
@@ -159,6 +166,8 @@ def cmd_inspect(args) -> int:
     print(f"verify    {_verdict(report['verify'])}")
     if report.get("quant", {}).get("scheme", "none") != "none":
         print(_quant_summary(report["quant"]))
+    for line in _lora_lines(report):
+        print(f"lora      {line}")
     if "cuda_binary" in report:
         print(f"cuda      {report['cuda_binary']}")
     return 0
@@ -183,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", metavar="FILE.npz", help="calibration inputs for the gate (default: random)")
     p.add_argument("--keep-head", action="store_true", help="keep the output head in float32")
     p.add_argument("--keep-embeddings", action="store_true", help="keep embedding tables in float32")
+    p.add_argument("--lora", action="append", metavar="PATH[:SCALE]",
+                   help="PEFT LoRA adapter folder merged into the weights, its update times SCALE (default 1); "
+                        "repeat to add several")
     p.add_argument("-o", "--output", help="artifact folder (default: MODEL with suffix .llmcc)")
     p.add_argument("--no-verify", action="store_true", help="skip the check against onnxruntime")
     p.add_argument("--seed", type=int, default=None, help="seed of the verification inputs (default: fresh)")

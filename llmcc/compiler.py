@@ -11,6 +11,7 @@ from pathlib import Path
 
 import onnx
 
+from llmcc import lora as lora_mod
 from llmcc import pipeline as pipeline_mod
 from llmcc.errors import BuildFailure, LlmccError, VerificationFailure
 from llmcc.frontend import onnx_import
@@ -48,25 +49,26 @@ def _quiet_native_warnings():
 
 
 def compile(model, *, target: str = "cpu", quant: str = "none", max_error: float | None = None, calib=None,
-            quantize_head: bool = True, quantize_embeddings: bool = True, example_inputs=None, verify: bool = True, seed: int | None = None,
-            debug: bool = False) -> CompiledModule:  # noqa: A001 (the API's name)
+            quantize_head: bool = True, quantize_embeddings: bool = True, lora=None, example_inputs=None,
+            verify: bool = True, seed: int | None = None, debug: bool = False) -> CompiledModule:  # noqa: A001
     """Compile an ONNX file, ModelProto or torch.nn.Module for ``target``; verified unless ``verify=False``.
 
     ``quant`` names a scheme in ``llmcc.quant.SCHEMES``; the accuracy gate keeps the outputs' relative error vs
     float32 within ``max_error`` (the scheme's default when None) on the ``calib`` inputs (.npz; random when None).
+    ``lora``: PEFT LoRA adapter folders merged into the weights before anything else (so before quantization), each
+    a path, "path:scale" or (path, scale); see llmcc.lora.
     """
     with _quiet_native_warnings():
         return _compile(model, target=target, quant=quant, max_error=max_error, calib=calib,
-                        quantize_head=quantize_head, quantize_embeddings=quantize_embeddings,
-                        example_inputs=example_inputs, verify=verify, seed=seed,
-                        debug=debug)
+                        quantize_head=quantize_head, quantize_embeddings=quantize_embeddings, lora=lora,
+                        example_inputs=example_inputs, verify=verify, seed=seed, debug=debug)
 
 
-def _compile(model, *, target, quant, max_error, calib, quantize_head, quantize_embeddings, example_inputs, verify,
-             seed,
-             debug) -> CompiledModule:
+def _compile(model, *, target, quant, max_error, calib, quantize_head, quantize_embeddings, lora, example_inputs,
+             verify, seed, debug) -> CompiledModule:
     scheme = quant_scheme(quant)
     spec = resolve(target)
+    adapters = lora_mod.read_adapters(lora)  # read first: a bad adapter fails before any slow step
     timings: dict[str, float] = {}
 
     start = time.perf_counter()
@@ -83,6 +85,9 @@ def _compile(model, *, target, quant, max_error, calib, quantize_head, quantize_
     else:
         raise LlmccError(f"cannot compile a {type(model).__name__}: pass an ONNX path, an onnx.ModelProto or a "
                          f"torch.nn.Module")
+    lora_report = []
+    if adapters:  # merged before import, so verification below runs onnxruntime on the merged model
+        proto, lora_report = lora_mod.merge_adapters(proto, adapters)
     inputs, outputs = onnx_import.graph_signature(proto)
     mod = onnx_import.import_model(proto)
     timings["import"] = time.perf_counter() - start
@@ -119,6 +124,7 @@ def _compile(model, *, target, quant, max_error, calib, quantize_head, quantize_
         "quant": {**(gate.report(plan, None, result.quantized) if plan else {"scheme": "none"}),
                   # counts the kernels of imported quantized weights (MatMulNBits, QDQ) too
                   "dequantize_matmul_kernels": sum("dequant_matmul" in k["name"] for k in result.kernels)},
+        "lora": {"adapters": lora_report},
         "inputs": [s.to_json() for s in inputs],
         "outputs": [s.to_json() for s in outputs],
         "passes": [{"name": p["name"], "phase": p["phase"], "rewrites": p["rewrites"]} for p in result.passes],

@@ -16,6 +16,10 @@ class ImportFailure(LlmccError):
     """An ONNX graph (or a torch module traced to one) that llmcc cannot import."""
 
 
+class LoraError(LlmccError):
+    """A LoRA adapter that cannot be read, or that does not fit the model's weights."""
+
+
 class BuildFailure(LlmccError):
     """The compiler could not build a module for the target."""
 

@@ -1,6 +1,7 @@
 """The pass pipeline: what runs between ONNX import and code generation, in phases.
 
-    graph     llmcc's graph passes on the imported Relax (attention fusion, LoRA merge land here)
+    graph     llmcc's graph passes on the imported Relax (LoRA branches folded, QDQ weights kept int8, attention
+              fusion)
     quantize  matmul weights packed to the accuracy gate's plan, dequantization fused into the matmul
     weights   weights become parameters, stored beside the library
     lower     ops become TIR PrimFuncs, fused
@@ -23,6 +24,7 @@ from tvm import relax
 from llmcc.errors import BuildFailure
 from llmcc.passes import TvmPass
 from llmcc.passes.apply_schedule_rules import ApplyScheduleRules
+from llmcc.passes.fold_lora_branches import FoldLoraBranches
 from llmcc.passes.fuse_attention import FuseAttention
 from llmcc.passes.fuse_dequantize_matmul import FuseDequantizeMatmul
 from llmcc.passes.lift_weights import LiftWeights
@@ -83,7 +85,7 @@ def graph_phase(target: TargetSpec, options: PipelineOptions) -> list:
     # Attention fusion stays opt-in until its flash-style kernel lands: TVM's own lowering of the fused op
     # materialises the seq x seq scores and is slower than the unfused, scheduled graph (llama prefill 37 vs 6 ms).
     fusion = [FuseAttention()] if options.fuse_attention else []
-    return [FuseDequantizeMatmul()] + fusion + [
+    return [FoldLoraBranches(), FuseDequantizeMatmul()] + fusion + [
         TvmPass("fold_constants", relax.transform.FoldConstant,
                 lambda a, b: max(_count_bindings(a) - _count_bindings(b), 0)),
     ]

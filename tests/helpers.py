@@ -57,3 +57,32 @@ def run_cli(*args, cwd=None, timeout=600):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     return subprocess.run([sys.executable, "-m", "llmcc", *map(str, args)], capture_output=True, text=True,
                           cwd=cwd, env=env, timeout=timeout)
+
+
+def make_tiny_mlp(seed: int = 0):
+    """A torch model with named Linear layers for LoRA: input_ids -> embed -> 2 residual blocks (up, relu, down)."""
+    import torch
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.down = torch.nn.Linear(HIDDEN, 2 * HIDDEN), torch.nn.Linear(2 * HIDDEN, HIDDEN)
+
+        def forward(self, x):
+            return self.down(torch.relu(self.up(x)))
+
+    class TinyMLP(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(VOCAB, HIDDEN)
+            self.blocks = torch.nn.ModuleList([Block(), Block()])
+
+        def forward(self, input_ids):
+            x = self.embed(input_ids)
+            for block in self.blocks:
+                x = x + block(x)
+            return x
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return TinyMLP().eval()

@@ -49,3 +49,14 @@ def test_bench_quant_quick_writes_json_and_markdown(tmp_path):
     for section in ("## Memory bandwidth", "## GEMV chain", "## Tiny Llama decode step", "## all-MiniLM-L6-v2 int8",
                     "## Accuracy gate"):
         assert section in text
+
+
+def test_bench_lora_smoke_same_kernels_with_and_without_adapter(tmp_path):
+    r = _run(ROOT / "tools" / "bench_lora.py", "--seq", "16", "--repeat", "3", "--rounds", "1", "--out", tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    base, merged, folded = json.loads((tmp_path / "lora.json").read_text())["rows"]
+    assert merged["merged_weights"] == 14 and folded["folded_branches"] == 14
+    assert base["kernels"] == merged["kernels"] == folded["kernels"]
+    assert base["weights"] == merged["weights"] == folded["weights"]
+    assert merged["err_vs_peft"] <= 1e-5 and folded["err_vs_peft"] <= 1e-5
+    assert "| adapter merged (--lora) |" in (tmp_path / "lora.md").read_text()
