@@ -107,6 +107,22 @@ def test_llama_two_adapters_add_up_with_their_scales(llama_two_adapters):
     _assert_matches([compiled(**feeds)], ref, base)
 
 
+def test_merge_then_int8(llama_two_adapters):
+    """Merged in fp32, then quantized: the int8 module stays within int8's budget of the PEFT model (the gate holds
+    it on its calibration inputs; fresh inputs get twice that), and the adapter still shows."""
+    from llmcc.quant import SCHEMES
+
+    folder, peft_module, _ = llama_two_adapters
+    quantized = llmcc.compile(zoo.onnx_path("llama"), quant="int8", lora=[f"{folder}:0.5", (folder / "second", 2)])
+    budget = SCHEMES["int8"].max_error
+    assert quantized.report["quant"]["error"] <= budget and quantized.report["lora"]["adapters"][0]["merged_weights"]
+    feeds, ref = _zoo_reference("llama", peft_module)
+    base = _ort(onnx.load(str(zoo.onnx_path("llama"))), feeds)
+    got = quantized(**feeds)
+    assert relative_error(got, ref[0]) <= 2 * budget
+    assert relative_error(base[0], ref[0]) > 4 * budget  # the adapter's effect is far above int8's error
+
+
 def test_merged_graph_keeps_the_base_graph_and_the_users_model(llama_two_adapters):
     """The adapter costs nothing at run time: the merged graph has the base graph's nodes and weight shapes, only
     weight values change; the caller's ModelProto is not modified."""
