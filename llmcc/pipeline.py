@@ -81,6 +81,10 @@ def _fused_groups(mod) -> int:
                if isinstance(f, relax.Function) and f.attrs is not None and int(f.attrs.get("Primitive", 0)) == 1)
 
 
+def _keep_reshape(bb, call):
+    return call
+
+
 def graph_phase(target: TargetSpec, options: PipelineOptions) -> list:
     # Attention fusion stays opt-in until its flash-style kernel lands: TVM's own lowering of the fused op
     # materialises the seq x seq scores and is slower than the unfused, scheduled graph (llama prefill 37 vs 6 ms).
@@ -103,7 +107,11 @@ def lower_phase(target: TargetSpec, options: PipelineOptions) -> list:
     return [
         TvmPass("dispatch_sampling", relax.backend.DispatchSampling),
         TvmPass("dispatch_sort_scan", relax.backend.DispatchSortScan),
-        TvmPass("legalize_ops", relax.transform.LegalizeOps, lambda a, b: _count_calls(b, "relax.call_tir")),
+        # a reshape stays an op: the VM runs it as a view of the same memory. Legalized, it becomes a copy kernel
+        # whose symbolic index arithmetic (a div/mod by the sequence length per element) TVM then no longer
+        # recognises as a reshape (llama-decode's KV-cache reshapes: 120 us each)
+        TvmPass("legalize_ops", lambda: relax.transform.LegalizeOps({"relax.reshape": _keep_reshape}),
+                lambda a, b: _count_calls(b, "relax.call_tir")),
         TvmPass("annotate_op_pattern", relax.transform.AnnotateTIROpPattern),
         TvmPass("fold_lowered_constants", relax.transform.FoldConstant,
                 lambda a, b: max(_count_bindings(a) - _count_bindings(b), 0)),
@@ -116,7 +124,8 @@ def schedule_phase(target: TargetSpec, options: PipelineOptions) -> list:
     from llmcc.schedules import rules_for
 
     rules = rules_for(target)
-    return [ApplyScheduleRules(rules)] if rules else []
+    # On CUDA, dlight's rules must bind every kernel to threads; on CPU a pure reshape is best left to become a view
+    return [ApplyScheduleRules(rules, leave_reshapes=not target.is_gpu)] if rules else []
 
 
 def finalize_phase(target: TargetSpec, options: PipelineOptions) -> list:

@@ -21,9 +21,12 @@ After::
 from __future__ import annotations
 
 import tvm
-from tvm import s_tir, tirx
+from tvm import relax, s_tir, tirx
 
 from llmcc.passes import LlmccPass
+
+
+RESHAPE_VIEW = "reshape view (no kernel)"
 
 
 def _is_scheduled(func) -> bool:
@@ -33,9 +36,13 @@ def _is_scheduled(func) -> bool:
 class ApplyScheduleRules(LlmccPass):
     name = "apply_schedule_rules"
 
-    def __init__(self, rules: list) -> None:
+    def __init__(self, rules: list, leave_reshapes: bool = False) -> None:
+        """``leave_reshapes``: leave pure reshapes unscheduled, so the finalize phase's RewriteDataflowReshape still
+        recognises them and turns them into no-copy views (a scheduled one no longer matches its pattern and stays a
+        copy, which for symbolic shapes divides every index by the sequence length)."""
         super().__init__()
         self.rules = rules
+        self.leave_reshapes = leave_reshapes
         self.kernels: list[dict] = []  # [{"name", "rule"}]
 
     def _schedule(self, func, target):
@@ -56,6 +63,9 @@ class ApplyScheduleRules(LlmccPass):
         updated = {}
         for gvar, func in mod.functions_items():
             if not isinstance(func, tirx.PrimFunc) or _is_scheduled(func):
+                continue
+            if self.leave_reshapes and relax.analysis.has_reshape_pattern(func):
+                self.kernels.append({"name": gvar.name_hint, "rule": RESHAPE_VIEW})
                 continue
             new_func, rule = self._schedule(func, target)
             self.kernels.append({"name": gvar.name_hint, "rule": rule or "none"})
