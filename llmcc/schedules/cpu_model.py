@@ -39,10 +39,11 @@ class CpuModel:
     cores: int              # threads the runtime will run parallel loops on
     vector_registers: int   # architectural SIMD registers (16 for AVX2, 32 for AVX-512)
     l1_bytes: int = 32 * 1024
-    # Below these a kernel stays serial: a parallel launch costs microseconds (more when another process holds a
-    # core), about what a core needs for 64K copies or 256K multiply-adds
+    # Below these a kernel stays serial. A parallel launch costs microseconds, and tens when the workers have gone to
+    # sleep, as they do in a decode step of mostly serial kernels (llama-decode: 0.26 ms with these, 0.30-0.45 with
+    # 16K elements; prefill at seq 128 within noise either way)
     parallel_min_elems: int = 1 << 16  # output elements of an injective kernel (copies, elementwise)
-    parallel_min_work: int = 1 << 18   # output elements x reduction length of a matmul or reduction
+    parallel_min_work: int = 1 << 16   # output elements x reduction length of a matmul or reduction
     max_tile_rows: int = 8             # rows of the matmul register tile at most
     gemv_k_unroll: int = 8             # k steps a GEMV accumulates in registers (= int4 nibbles per packed word)
     gemv_accumulators: int = 4         # independent accumulator vectors per GEMV k step: FMA latency / throughput
