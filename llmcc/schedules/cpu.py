@@ -41,6 +41,12 @@ from tvm import s_tir, tirx
 from llmcc.schedules.cpu_model import CpuModel
 
 
+# The accumulator tile is a small buffer inside the tile loop. TVM gives a small constant-size *global* allocation a
+# stack slot (LLVM then keeps it in registers); a "local" one becomes a TVMBackendAllocWorkspace call per tile, and
+# LLVM, unable to prove it does not alias the inputs, stores it back after every FMA and reloads A's broadcasts.
+ACCUMULATOR_SCOPE = "global"
+
+
 def _analysis():
     from tvm.s_tir.dlight.analysis import normalize_prim_func
     from tvm.s_tir.dlight.base import try_inline_contiguous_spatial
@@ -342,12 +348,12 @@ class CpuMatmul(_CpuRule):
             else:
                 sch.compute_inline(copy)
                 epi_block = epi.block_rv
-            sch.set_scope(block, 0, "local")
+            sch.set_scope(block, 0, ACCUMULATOR_SCOPE)
         elif epi is None:
-            epi_block = sch.cache_write(block, 0, "local")
+            epi_block = sch.cache_write(block, 0, ACCUMULATOR_SCOPE)
         else:
             epi_block = epi.block_rv
-            sch.set_scope(block, 0, "local")
+            sch.set_scope(block, 0, ACCUMULATOR_SCOPE)
         sch.reverse_compute_at(epi_block, tile, preserve_unit_loops=True)
         _vectorize_innermost(sch, epi_block, lanes)
 
@@ -374,10 +380,10 @@ class CpuMatmul(_CpuRule):
         if big:
             sch.parallel(fused)
         if epi is None:
-            epi_block = sch.cache_write(block, 0, "local")
+            epi_block = sch.cache_write(block, 0, ACCUMULATOR_SCOPE)
         else:
             epi_block = epi.block_rv
-            sch.set_scope(block, 0, "local")
+            sch.set_scope(block, 0, ACCUMULATOR_SCOPE)
         sch.reverse_compute_at(epi_block, fused, preserve_unit_loops=True)
         _vectorize_innermost(sch, epi_block, lanes)
         n_v, n_l = sch.split(n_i, factors=[None, lanes])
