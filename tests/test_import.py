@@ -97,13 +97,26 @@ def test_unconvertible_node_names_op_node_and_opset():
     assert text.startswith("cannot import ONNX op Conv (node 'conv4d_7', opset 17)") and "\n" not in text
 
 
-def test_custom_domain_op_is_refused_before_import():
+def _contrib_model(op_type: str, inputs: list, **attrs):
     from onnx import TensorProto, helper
 
     graph = helper.make_graph(
-        [helper.make_node("MatMulNBits", ["x"], ["y"], name="mm_3", domain="com.microsoft")],
+        [helper.make_node(op_type, inputs, ["y"], name="node_3", domain="com.microsoft", **attrs)],
         "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 2])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
-    with pytest.raises(ImportFailure, match=r"unsupported ONNX op com.microsoft.MatMulNBits \(node 'mm_3', opset 17\)"):
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    return helper.make_model(graph, opset_imports=opsets)
+
+
+def test_custom_domain_op_is_refused_before_import():
+    model = _contrib_model("FusedMatMul", ["x", "x"])
+    message = r"unsupported ONNX op com.microsoft.FusedMatMul \(node 'node_3', opset 17\)"
+    with pytest.raises(ImportFailure, match=message):
         llmcc.compile(model, target="cpu")
+
+
+def test_malformed_matmul_nbits_is_named():
+    """MatMulNBits is imported (tests/test_quantized_import.py); one without its attributes and weights says so."""
+    with pytest.raises(ImportFailure, match=r"cannot import ONNX op MatMulNBits \(node 'node_3', opset 17\): "
+                                            r"missing attribute K"):
+        llmcc.compile(_contrib_model("MatMulNBits", ["x"]), target="cpu")

@@ -74,6 +74,11 @@ class MatMulNBits(tvm_onnx.OnnxOpConverter):
     def _impl_v1(cls, bb, inputs, attr, params):
         from tvm import relax
 
+        for name in ("K", "N", "block_size"):
+            if name not in attr:
+                raise QuantizedImportError(f"missing attribute {name}")
+        if len(inputs) < 3 or inputs[1] is None or inputs[2] is None:
+            raise QuantizedImportError("needs inputs A, B and scales")
         if len(inputs) > 4 and inputs[4] is not None:
             raise QuantizedImportError("g_idx (act-order) is not supported")
         k, n = int(attr["K"]), int(attr["N"])
