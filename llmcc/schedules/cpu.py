@@ -117,12 +117,12 @@ def _vectorize_innermost(sch: s_tir.Schedule, block, lanes: int) -> bool:
 
 
 def _schedule_injective(sch: s_tir.Schedule, block, model: CpuModel, lanes: int, parallel: bool) -> None:
-    """An injective helper block (a padding copy): innermost axis vectorized, the outer loops fused (parallel)."""
+    """An injective helper block (a padding copy): innermost axis vectorized, a parallel loop over the outer loops
+    that ``_parallel_group`` picks (fusing symbolic extents would divide every index by the sequence length)."""
     _vectorize_innermost(sch, block, lanes)
-    loops = sch.get_loops(block)
-    outer = loops[:-1]
-    if outer and parallel:
-        sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+    group = _parallel_group(sch, sch.get_loops(block)[:-1])
+    if group and parallel:
+        sch.parallel(sch.fuse(*group) if len(group) > 1 else group[0])
 
 
 def _parallel_group(sch: s_tir.Schedule, loops: list) -> list:
