@@ -38,3 +38,28 @@ class TvmPass(LlmccPass):
     def transform(self, mod):
         after = self.make()(mod)
         return after, (self.count(mod, after) if self.count else 0)
+
+
+# Helpers for the Relax rewriters of the passes (TVM 0.27: constants are tvm.ir.GenericConst).
+
+
+def op_name(expr) -> str | None:
+    """The op name of a Relax call of a registered op (``relax.matmul``), else None."""
+    from tvm import relax
+
+    return expr.op.name if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) else None
+
+
+def const_array(expr):
+    """The numpy value of a Relax constant, else None."""
+    return expr.value.numpy() if isinstance(expr, tvm.ir.GenericConst) else None
+
+
+def bound_value(mutator, expr):
+    """What a dataflow variable is bound to in ``mutator``'s scope (the expression itself otherwise)."""
+    from tvm import relax
+
+    if isinstance(expr, relax.Var):
+        value = mutator.lookup_binding(expr)
+        return value if value is not None else expr
+    return expr

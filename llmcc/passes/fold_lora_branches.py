@@ -43,7 +43,9 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from llmcc.passes import LlmccPass
+from llmcc.passes import LlmccPass, bound_value
+from llmcc.passes import const_array as _const_array
+from llmcc.passes import op_name as _op_name
 
 _FLOAT_DTYPES = ("float16", "float32", "float64")
 
@@ -76,14 +78,6 @@ class _Branch:
     scale: np.ndarray | None
 
 
-def _op_name(expr) -> str | None:
-    return expr.op.name if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) else None
-
-
-def _const_array(expr) -> np.ndarray | None:
-    return expr.value.numpy() if isinstance(expr, tvm.ir.GenericConst) else None
-
-
 def _float_matrix(expr) -> np.ndarray | None:
     arr = _const_array(expr)
     return arr if arr is not None and arr.ndim == 2 and str(arr.dtype) in _FLOAT_DTYPES else None
@@ -106,11 +100,7 @@ class _BranchFolder(relax.PyExprMutator):
         return self.builder_.get() if self.folded else self.mod
 
     def _bound(self, expr):
-        """What a dataflow variable is bound to (the expression itself when it is not a bound variable)."""
-        if isinstance(expr, relax.Var):
-            value = self.lookup_binding(expr)
-            return value if value is not None else expr
-        return expr
+        return bound_value(self, expr)
 
     def visit_call_(self, call):
         call = self.visit_expr_post_order(call)

@@ -23,23 +23,14 @@ After::
 from __future__ import annotations
 
 import numpy as np
-import tvm
 from tvm import relax
 
 from llmcc.kernels.dequant_matmul import WeightFormat, dequant_matmul_te
-from llmcc.passes import LlmccPass
+from llmcc.passes import LlmccPass, bound_value
+from llmcc.passes import const_array as _const
+from llmcc.passes import op_name as _op_name
 
 INT8 = WeightFormat("int8")
-
-
-def _const(expr) -> np.ndarray | None:
-    return expr.value.numpy() if isinstance(expr, tvm.ir.GenericConst) else None
-
-
-def _op_name(expr) -> str | None:
-    if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op):
-        return expr.op.name
-    return None
 
 
 def match_int8_weight(w_expr, lookup) -> tuple[np.ndarray, np.ndarray] | None:
@@ -91,10 +82,7 @@ class _Rewriter(relax.PyExprMutator):
         self.count = 0
 
     def _lookup(self, expr):
-        if isinstance(expr, relax.Var):
-            bound = self.lookup_binding(expr)
-            return bound if bound is not None else expr
-        return expr
+        return bound_value(self, expr)
 
     def visit_call_(self, call):
         call = self.visit_expr_post_order(call)

@@ -125,6 +125,17 @@ def _schedule_injective(sch: s_tir.Schedule, block, model: CpuModel, lanes: int,
         sch.parallel(sch.fuse(*group) if len(group) > 1 else group[0])
 
 
+def _accumulate_in_tiles(sch: s_tir.Schedule, block, write_back, at_loop, lanes: int) -> None:
+    """The matmul block accumulates into a tile-sized buffer (ACCUMULATOR_SCOPE) inside ``at_loop``, and
+    ``write_back`` (the epilogue block, or None for a plain copy to C) stores each tile, vectorized."""
+    if write_back is None:
+        write_back = sch.cache_write(block, 0, ACCUMULATOR_SCOPE)
+    else:
+        sch.set_scope(block, 0, ACCUMULATOR_SCOPE)
+    sch.reverse_compute_at(write_back, at_loop, preserve_unit_loops=True)
+    _vectorize_innermost(sch, write_back, lanes)
+
+
 def _parallel_group(sch: s_tir.Schedule, loops: list) -> list:
     """The consecutive loops to fuse into one parallel loop: from the first one that is not a batch-like loop
     (nominal extent 1; those stay serial outside), on through loops with static extents only. Fusing a loop with a
@@ -339,23 +350,16 @@ class CpuMatmul(_CpuRule):
         if big:
             sch.parallel(fused)
 
+        epi_block = epi.block_rv if epi is not None else None
         if padded:
             for producer in sch.get_producers(block):
                 _schedule_injective(sch, producer, model, lanes, big)
-            copy = sch.get_consumers(block)[0]
+            copy = sch.get_consumers(block)[0]  # padded tile -> C, which the epilogue (if any) absorbs
             if epi is None:
                 epi_block = copy
             else:
                 sch.compute_inline(copy)
-                epi_block = epi.block_rv
-            sch.set_scope(block, 0, ACCUMULATOR_SCOPE)
-        elif epi is None:
-            epi_block = sch.cache_write(block, 0, ACCUMULATOR_SCOPE)
-        else:
-            epi_block = epi.block_rv
-            sch.set_scope(block, 0, ACCUMULATOR_SCOPE)
-        sch.reverse_compute_at(epi_block, tile, preserve_unit_loops=True)
-        _vectorize_innermost(sch, epi_block, lanes)
+        _accumulate_in_tiles(sch, block, epi_block, tile, lanes)
 
         n_v, n_l = sch.split(n_i, factors=[nv, lanes])
         sch.vectorize(n_l)
@@ -366,7 +370,6 @@ class CpuMatmul(_CpuRule):
         # the accumulator tile is zeroed before the k loop (its loops keep the unroll/vectorize kinds)
         sch.decompose_reduction(block, k_loop)
         return sch
-
 
     @staticmethod
     def _stream_rows(sch, block, epi, batch_loops, m_loop, n_loop, k_loop, chunk, lanes, big, model):
@@ -379,13 +382,7 @@ class CpuMatmul(_CpuRule):
         fused = sch.fuse(*par) if len(par) > 1 else par[0]
         if big:
             sch.parallel(fused)
-        if epi is None:
-            epi_block = sch.cache_write(block, 0, ACCUMULATOR_SCOPE)
-        else:
-            epi_block = epi.block_rv
-            sch.set_scope(block, 0, ACCUMULATOR_SCOPE)
-        sch.reverse_compute_at(epi_block, fused, preserve_unit_loops=True)
-        _vectorize_innermost(sch, epi_block, lanes)
+        _accumulate_in_tiles(sch, block, epi.block_rv if epi is not None else None, fused, lanes)
         n_v, n_l = sch.split(n_i, factors=[None, lanes])
         sch.vectorize(n_l)
         k_ext = _loop_extent(sch, k_loop)
