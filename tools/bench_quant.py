@@ -5,7 +5,8 @@ Four parts (issue 5), all on this CPU with the same thread count for every syste
 
 1. GEMV chain: x[1, N] @ W1 @ W2 @ W3 @ W4 (N = 4096, fp32 activations, N(0, 0.02) weights). llmcc fp32 / int8 /
    int4 / int4-g128 vs onnxruntime fp32 / int8 (quantize_dynamic) / int4 (MatMulNBits). A GEMV reads every weight
-   once, so its floor is weight bytes / the read bandwidth measured here (numpy sums over a large array).
+   once, so its floor is weight bytes / the read bandwidth measured here (numpy sums over a large array, or the
+   fastest read any system achieved on these weights, whichever is higher).
 2. Tiny Llama decode step (zoo "llama-decode" at its longest past): the same systems on a whole model.
 3. all-MiniLM-L6-v2 (real weights): cosine of int8 sentence embeddings vs fp32 on real sentences, and speed.
 4. The accuracy gate: tiny Llama prefill at int4 with max_error 0.05: its error and the layers it kept wider.
@@ -134,6 +135,18 @@ def read_bandwidth(gib: float, threads: int, tries: int = 5) -> dict:
             "gbs": max(gbs_one, gbs_split),
             "how": f"best of {tries} numpy float32 sums over {data.nbytes / 2**30:g} GiB, on 1 thread and split "
                    f"over {threads} threads; the better is used"}
+
+
+def use_observed_bandwidth(bw: dict, rows: list[dict]) -> None:
+    """A system that read the weights faster than the probe proves the probe low (numpy's sum measured 24-35 GB/s
+    on this VM while onnxruntime's GEMVs read at up to 49): the bandwidth becomes the higher of the two, and every
+    row's floor follows. Conservative for llmcc: a higher bandwidth only lowers the floors."""
+    fastest = max(rows, key=lambda r: r["read_gbs"])
+    bw["probe_gbs"], bw["observed_gbs"], bw["observed_by"] = bw["gbs"], fastest["read_gbs"], fastest["system"]
+    bw["gbs"] = max(bw["probe_gbs"], bw["observed_gbs"])
+    for r in rows:
+        r["floor_ms"] = r["weight_bytes"] / (bw["gbs"] * 1e9) * 1e3
+        r["x_floor"] = r["ms"] / r["floor_ms"]
 
 
 def ort_session(model, threads: int):
@@ -402,8 +415,10 @@ def header_md(meta: dict, bw: dict) -> list[str]:
          f"(raw kernel speed). Load average at the end (1, 5, 15 min): {load}. "
          f"Command: `{meta['command']}` ({meta['wall_s']:.0f} s)\n"),
         "## Memory bandwidth\n",
-        (f"Measured read bandwidth: **{bw['gbs']:.1f} GB/s** ({bw['one_thread_gbs']:.1f} GB/s on 1 thread, "
-         f"{bw['threads_gbs']:.1f} GB/s on {bw['threads']}); {bw['how']}.\n"),
+        (f"Measured read bandwidth: **{bw['gbs']:.1f} GB/s**, the higher of the probe, {bw['probe_gbs']:.1f} GB/s "
+         f"({bw['one_thread_gbs']:.1f} GB/s on 1 thread, {bw['threads_gbs']:.1f} GB/s on {bw['threads']}; "
+         f"{bw['how']}), and the fastest weight read in the GEMV chain below, {bw['observed_gbs']:.1f} GB/s by "
+         f"{bw['observed_by']}.\n"),
     ]
 
 
@@ -506,6 +521,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench_quant-") as tmp:
         workdir = Path(tmp)
         timed("gemv", bench_gemv, n, result["bandwidth"]["gbs"], args.threads, repeat, workdir)
+        use_observed_bandwidth(result["bandwidth"], result["gemv"])
         decode_quants = ("none", "int4") if quick else ("none", "int8", "int4")
         timed("decode", bench_decode, args.threads, repeat, workdir, decode_quants)
         timed("minilm", bench_minilm, args.threads, repeat, workdir, SENTENCES[:8] if quick else SENTENCES,
