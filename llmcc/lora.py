@@ -29,7 +29,6 @@ The layout of the weight comes from the graph, not from the adapter: a MatMul's 
 
 from __future__ import annotations
 
-import ast
 import json
 import math
 import os
@@ -42,6 +41,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from llmcc.frontend.onnx_names import module_path
 from llmcc.errors import LoraError
 
 PEFT_PREFIX = "base_model.model."
@@ -241,29 +241,6 @@ class WeightSite:
     uses: list[tuple[int, int]] = field(default_factory=list)  # (node index, input index) reading the initializer
 
 
-def _metadata(node) -> dict[str, str]:
-    return {p.key: p.value for p in node.metadata_props}
-
-
-def _module_path(node, initializer: str) -> str | None:
-    meta = _metadata(node)
-    try:
-        scopes = ast.literal_eval(meta.get("pkg.torch.onnx.name_scopes", "[]"))
-    except (ValueError, SyntaxError):
-        scopes = []
-    if isinstance(scopes, list) and len(scopes) >= 2 and isinstance(scopes[-2], str) and scopes[-2]:
-        return scopes[-2]  # the last scope is the node itself, the one before it the module that ran it
-    namespace = meta.get("namespace", "").split("/")
-    if len(namespace) >= 2 and namespace[-2].split(": ")[0]:
-        return namespace[-2].split(": ")[0]  # "<module path>: <class>/.../<node>: <op>"
-    if initializer.endswith(".weight"):
-        return initializer[: -len(".weight")]
-    parts = node.name.split("/")
-    if node.name.startswith("/") and len(parts) > 2:
-        return ".".join(parts[1:-1])
-    return None
-
-
 def weight_sites(model: onnx.ModelProto) -> list[WeightSite]:
     """Every MatMul/Gemm weight in the top-level graph whose module path is known, one site per (module, weight)."""
     graph = model.graph
@@ -285,7 +262,7 @@ def weight_sites(model: onnx.ModelProto) -> list[WeightSite]:
         init = inits.get(name)
         if init is None or init.data_type not in _FLOAT_TYPES or len(init.dims) != 2:
             continue
-        module = _module_path(node, name)
+        module = module_path(node, name)
         if module is None:
             continue
         rows, cols = init.dims

@@ -20,7 +20,6 @@ it to float32 precision), and against float32 (its error must be within the budg
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import onnx
 from onnx import numpy_helper
 
 from llmcc.errors import InputError, LlmccError
+from llmcc.frontend.onnx_names import module_path
 from llmcc.kernels.dequant_matmul import WeightFormat, dequantize, quantize
 from llmcc.quant.schemes import SCHEMES, QuantScheme
 
@@ -84,23 +84,6 @@ def fingerprint(w: np.ndarray) -> str:
     return hashlib.sha1(repr(w.shape).encode() + w.tobytes()).hexdigest()
 
 
-def _module_path(node: onnx.NodeProto) -> str | None:
-    for prop in node.metadata_props:
-        if prop.key == "pkg.torch.onnx.name_scopes":
-            try:
-                scopes = json.loads(prop.value.replace("'", '"'))
-            except ValueError:
-                return None
-            # the scopes nest ('hf.model', 'hf.model.layers.0', ...) and end with the op ('linear'): the module is the
-            # last scope that extends the one before it
-            module = None
-            for scope in scopes:
-                if scope and (module is None or scope.startswith(module + ".")):
-                    module = scope
-            return module
-    return None
-
-
 def _attr(node, name, default):
     for a in node.attribute:
         if a.name == name:
@@ -121,7 +104,7 @@ def find_layers(proto: onnx.ModelProto, quantize_head: bool = True,
             init = inits[node.input[0]]
             if len(init.dims) != 2 or init.data_type != onnx.TensorProto.FLOAT or _attr(node, "axis", 0) != 0:
                 continue
-            name = _module_path(node) or node.name
+            name = module_path(node, init.name) or node.name
             if not quantize_embeddings:
                 skipped.append({"name": name, "reason": "embedding table: kept float32 (quantize_embeddings off)"})
                 continue
@@ -136,7 +119,7 @@ def find_layers(proto: onnx.ModelProto, quantize_head: bool = True,
                 and list(_attr(source, "perm", [1, 0])) == [1, 0]):
             init = inits[source.input[0]]
             if len(init.dims) == 2 and init.data_type == onnx.TensorProto.FLOAT:
-                layers.append(Layer(_module_path(node) or node.name, node.name, init.name, True,
+                layers.append(Layer(module_path(node, init.name) or node.name, node.name, init.name, True,
                                     (int(init.dims[1]), int(init.dims[0])), via_transpose=True))
             continue
         if node.input[1] not in inits:
@@ -151,7 +134,8 @@ def find_layers(proto: onnx.ModelProto, quantize_head: bool = True,
                 continue
             transposed = bool(_attr(node, "transB", 0))
         k, n = (init.dims[1], init.dims[0]) if transposed else (init.dims[0], init.dims[1])
-        layers.append(Layer(_module_path(node) or node.name, node.name, init.name, transposed, (int(k), int(n))))
+        layers.append(Layer(module_path(node, init.name) or node.name, node.name, init.name, transposed,
+                            (int(k), int(n))))
     _mark_heads(proto, layers, inits)
     if not quantize_head:
         for layer in [x for x in layers if x.is_head]:
