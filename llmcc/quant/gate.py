@@ -31,6 +31,7 @@ from llmcc.errors import InputError, LlmccError
 from llmcc.frontend.onnx_names import module_path
 from llmcc.kernels.dequant_matmul import WeightFormat, dequantize, quantize
 from llmcc.quant.schemes import SCHEMES, QuantScheme
+from llmcc.verify import ort_session
 
 
 @dataclass
@@ -176,13 +177,7 @@ class _Simulator:
         self.inits = {i.name: i for i in proto.graph.initializer}
         self.weights = {layer.node: layer.matmul_weight(self.inits) for layer in layers}
         self.dequantized: dict = {}
-        self.reference = [self._session(proto).run(None, feed) for feed in feeds]
-
-    @staticmethod
-    def _session(proto):
-        from llmcc.verify import ort_session
-
-        return ort_session(proto)
+        self.reference = [ort_session(proto).run(None, feed) for feed in feeds]
 
     def dequantized_weight(self, layer: Layer, scheme: str) -> np.ndarray:
         key = (layer.node, scheme)
@@ -222,7 +217,7 @@ class _Simulator:
     def error(self, assignment) -> float:
         from llmcc.verify import relative_error
 
-        session = self._session(self.model(assignment))
+        session = ort_session(self.model(assignment))
         worst = 0.0
         for feed, ref in zip(self.feeds, self.reference):
             for got, want in zip(session.run(None, feed), ref):

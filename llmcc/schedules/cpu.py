@@ -205,12 +205,16 @@ class _CpuRule:
         self.model = model
 
     def _start(self, func, target):
-        """(model, schedule, block infos), or None when the rule cannot look at ``func``."""
+        """(model, schedule, block infos), or None when the rule cannot look at ``func`` (not a CPU target, or
+        blocks dlight's normalization cannot describe)."""
         if not isinstance(func, tirx.PrimFunc) or not _is_cpu(target):
             return None
         normalize_prim_func, _ = _analysis()
         sch = s_tir.Schedule(func)
-        return self.model or CpuModel.get(target), sch, normalize_prim_func(sch)
+        infos = normalize_prim_func(sch)
+        if not infos:
+            return None
+        return self.model or CpuModel.get(target), sch, infos
 
 
 class CpuMatmul(_CpuRule):
@@ -278,10 +282,8 @@ class CpuMatmul(_CpuRule):
             return None
         model, sch, infos = start
         _, try_inline_contiguous_spatial = _analysis()
-        if infos is None:
-            return None
         infos = try_inline_contiguous_spatial(sch, infos)
-        if infos is None or not infos or len(infos) > 2:
+        if not infos or len(infos) > 2:
             return None
         main, epi = infos[0], (infos[1] if len(infos) == 2 else None)
         if main.is_injective() or (epi is not None and not epi.is_injective()):
@@ -430,8 +432,6 @@ class CpuReduction(_CpuRule):
         if start is None:
             return None
         model, sch, infos = start
-        if not infos:
-            return None
         reductions = [bi for bi in infos if not bi.is_injective()]
         if not reductions:
             return None
@@ -479,8 +479,6 @@ class CpuFallback(_CpuRule):
             return None
         model, sch, infos = start
         _, try_inline_contiguous_spatial = _analysis()
-        if infos is None:
-            return None
         infos = try_inline_contiguous_spatial(sch, infos) or infos
         changed = False
         for bi in infos:
