@@ -28,11 +28,14 @@ def test_round_trip_error_is_within_half_a_step(fmt, seed):
     err = np.abs(back - w)
     if fmt.kind in ("fp16", "bf16"):
         bits = 11 if fmt.kind == "fp16" else 8  # mantissa bits incl. the implicit one
-        assert np.all(err <= np.abs(w) * 2.0 ** -bits + 1e-30), f"seed {seed}"
+        # below 2**-14 fp16 is subnormal: a fixed spacing of 2**-24, so half a step is 2**-25 absolute
+        subnormal_half_step = 2.0 ** -25 if fmt.kind == "fp16" else 0.0
+        assert np.all(err <= np.maximum(np.abs(w) * 2.0 ** -bits, subnormal_half_step)), f"seed {seed}"
         return
     if fmt.kind == "int8":
         step = np.abs(w).max(axis=0) / 127
-        assert np.all(err <= step[None, :] / 2 * (1 + 1e-5)), f"seed {seed}"
+        # 1e-4: w / scale and q * scale each round in float32, so a value on a half step can land a few ulp past it
+        assert np.all(err <= step[None, :] / 2 * (1 + 1e-4)), f"seed {seed}"
         return
     g = w.reshape(k // fmt.group_size, fmt.group_size, n)
     if fmt.symmetric:
