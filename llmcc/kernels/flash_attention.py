@@ -1,0 +1,276 @@
+"""Flash attention: ``out = softmax(q @ k^T * scale + bias + mask) @ v`` in one tiled kernel with an online softmax.
+
+Sections: ``AttentionSpec`` (what the fused op carries: kind, layouts, heads, scale, window, bias), the numpy
+reference ``attention_reference``, the CPU kernel ``flash_attention_cpu`` with its tile config, and
+``flash_attention_prim_func`` (the validating wrapper the fuse_attention pass calls; it picks the target's kernel).
+
+The kernel never holds the ``[Sq, Skv]`` score matrix: per (batch, head, tile of TQ query rows) it walks the keys in
+tiles of TK, keeps the running row maximum ``m``, the running denominator ``l`` and the unnormalised output ``acc``,
+and rescales them by ``exp(m_old - m_new)`` when a tile raises the maximum. Memory beyond q/k/v/out is
+O(TQ * (TK + Dv)) per thread, whatever the sequence length.
+
+Positions are bottom-right aligned: query row ``i`` sits at key position ``i + Skv - Sq`` (a decode step's one
+query is the newest token). ``causal`` hides keys after that position, ``window`` W hides keys ``W`` or more behind
+it (HF's sliding window: key j is visible from position p iff ``p - W < j <= p``). Tiles wholly outside are skipped,
+so a causal kernel does about half the work and a windowed one O(Sq * W). A key hidden by causality or the window
+gets probability exactly 0; a key hidden by an additive bias gets ``exp(bias - max)`` like in the unfused graph, so
+with HF's finite ``finfo.min`` masks the two agree except on rows that every key is masked from (padding rows,
+whose output nobody reads).
+
+Layouts (strings of the axes in memory order; ``b`` batch, ``n`` head, ``s`` sequence, ``d`` head dim): q and v are
+``bnsd`` or ``bsnd``; k is one of those or ``bnds`` (k^T, as the exported graph computes it); out is ``bnsd`` or
+``bsnd``. The bias is ``[Bb, Hb, Sqb, Skv]`` with each of the first three dims either full or 1 (broadcast).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+Q_LAYOUTS = ("bnsd", "bsnd")
+K_LAYOUTS = ("bnsd", "bsnd", "bnds")
+NEG_LARGE = -3.0e38  # the running maximum's start: finite, so exp(m_old - m_new) never computes inf - inf
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """One fused attention site, as the kernel needs it (everything static except B, Sq, Skv)."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    value_dim: int
+    scale: float
+    dtype: str = "float32"
+    causal: bool = False
+    window: int | None = None
+    bias: tuple[bool, bool, bool] | None = None  # per leading bias dim (B, H, Sq): True when it is broadcast (1)
+    q_layout: str = "bnsd"
+    k_layout: str = "bnsd"
+    v_layout: str = "bnsd"
+    out_layout: str = "bnsd"
+    q_len: int | None = None  # static query length (a decode step's 1), None when symbolic
+
+    @property
+    def groups(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def kind(self) -> str:
+        parts = (["sliding_window"] if self.window else ["causal"] if self.causal else []) + \
+                (["mask"] if self.bias is not None else []) + (["gqa"] if self.groups > 1 else [])
+        return "+".join(parts) or "dense"
+
+    def check(self) -> str | None:
+        """Why this spec cannot be built, or None."""
+        if self.num_heads % self.num_kv_heads:
+            return f"{self.num_heads} query heads are not a multiple of {self.num_kv_heads} kv heads"
+        if self.q_layout not in Q_LAYOUTS or self.v_layout not in Q_LAYOUTS or self.out_layout not in Q_LAYOUTS:
+            return f"layouts q={self.q_layout} v={self.v_layout} out={self.out_layout}: each must be one of {Q_LAYOUTS}"
+        if self.k_layout not in K_LAYOUTS:
+            return f"k layout {self.k_layout} is not one of {K_LAYOUTS}"
+        if self.window is not None and self.window < 1:
+            return f"window {self.window} < 1"
+        if self.dtype not in ("float32", "float16", "bfloat16"):
+            return f"dtype {self.dtype} is not a float type the kernel computes in"
+        return None
+
+
+# ----------------------------------------------------------------------------------------- reference (numpy)
+
+
+def to_canonical(x: np.ndarray, layout: str) -> np.ndarray:
+    """``x`` in ``layout`` as [B, H, S, D]."""
+    return np.transpose(x, [layout.index(c) for c in "bnsd"])
+
+
+def from_canonical(x: np.ndarray, layout: str) -> np.ndarray:
+    return np.transpose(x, ["bnsd".index(c) for c in layout])
+
+
+def visible(spec: AttentionSpec, sq: int, skv: int) -> np.ndarray:
+    """[Sq, Skv] bool: which keys causality and the window leave to each query row."""
+    pos = np.arange(sq)[:, None] + (skv - sq)
+    j = np.arange(skv)[None, :]
+    ok = np.ones((sq, skv), bool)
+    if spec.causal or spec.window:
+        ok &= j <= pos
+    if spec.window:
+        ok &= j > pos - spec.window
+    return ok
+
+
+def attention_reference(spec: AttentionSpec, q, k, v, bias=None) -> np.ndarray:
+    """The plain computation in float64: the score matrix, a softmax, the value product."""
+    qc = to_canonical(np.asarray(q, np.float64), spec.q_layout)
+    kc = to_canonical(np.asarray(k, np.float64), "bnsd" if spec.k_layout == "bnds" else spec.k_layout)
+    if spec.k_layout == "bnds":
+        kc = np.asarray(k, np.float64).transpose(0, 1, 3, 2)
+    vc = to_canonical(np.asarray(v, np.float64), spec.v_layout)
+    kc, vc = np.repeat(kc, spec.groups, axis=1), np.repeat(vc, spec.groups, axis=1)
+    s = qc @ kc.transpose(0, 1, 3, 2) * spec.scale
+    if bias is not None:
+        s = s + np.asarray(bias, np.float64)
+    ok = visible(spec, s.shape[2], s.shape[3])
+    s = np.where(ok, s, -np.inf)
+    p = np.exp(s - s.max(axis=-1, keepdims=True))
+    p = np.where(ok, p, 0.0)
+    out = (p / p.sum(axis=-1, keepdims=True)) @ vc
+    return from_canonical(out, spec.out_layout).astype(spec.dtype if spec.dtype != "bfloat16" else "float32")
+
+
+# ----------------------------------------------------------------------------------------- CPU kernel (TIR)
+
+
+@dataclass(frozen=True)
+class CpuTiles:
+    """Query rows per task (TQ), keys per step (TK, a multiple of the vector width), rows per register block."""
+
+    tq: int
+    tk: int
+    rows: int
+
+
+def cpu_tiles(spec: AttentionSpec) -> CpuTiles:
+    # A decode step's single query row: no padding rows in its tile. Otherwise 16 x 16 score tiles: 4 rows x 16 keys
+    # (two AVX2 vectors) of accumulators stay in registers while the head dim is summed.
+    if spec.q_len is not None and spec.q_len < 16:
+        return CpuTiles(tq=spec.q_len, tk=16, rows=1)
+    return CpuTiles(tq=16, tk=16, rows=4)
+
+
+def _axes_index(layout: str, b, n, s, d):
+    """(b, n, s, d) in ``layout``'s memory order."""
+    where = {"b": b, "n": n, "s": s, "d": d}
+    return tuple(where[c] for c in layout)
+
+
+def flash_attention_cpu(spec: AttentionSpec):
+    """The CPU kernel for ``spec``: parallel over (batch, head, query tile), vectorized over keys and value dims."""
+    from tvm import tirx
+    from tvm.script import tirx as T
+
+    tiles = cpu_tiles(spec)
+    TQ, TK, RB = tiles.tq, tiles.tk, tiles.rows
+    H, HKV, D, DV, G = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.value_dim, spec.groups
+    dtype, acc_t = spec.dtype, "float32"
+    scale = float(spec.scale)
+    causal = bool(spec.causal or spec.window)
+    window = int(spec.window or 0)
+    ql, kl, vl, ol = spec.q_layout, spec.k_layout, spec.v_layout, spec.out_layout
+    k_shape_layout = "bnds" if kl == "bnds" else kl
+
+    def k_load(K, b, n, s, d):
+        return K[_axes_index(k_shape_layout, b, n, s, d)]
+
+    def bias_term(Bias, b, h, i, j):
+        if Bias is None:
+            return tirx.FloatImm(acc_t, 0.0)
+        bb, bh, bq = spec.bias
+        return tirx.Cast(acc_t, Bias[0 if bb else b, 0 if bh else h, 0 if bq else i, j])
+
+    def key_visible(j, pos, kv_hi):
+        conds = [j < kv_hi]
+        if causal:
+            conds.append(j <= pos)
+        if window:
+            conds.append(j > pos - window)
+        return tirx.all(*conds)
+
+    def kv_range(i0, off, SKV):
+        """Keys the tile's rows may see: [lo, hi)."""
+        hi = tirx.min(SKV, i0 + TQ + off) if causal else SKV
+        lo = tirx.max(tirx.IntImm("int64", 0), i0 + off - window + 1) if window else tirx.IntImm("int64", 0)
+        return lo, hi
+
+    @T.macro
+    def body(Q, K, V, Bias, O, B, SQ, SKV):
+        n_qt = (SQ + TQ - 1) // TQ
+        for task in T.parallel(B * H * n_qt):
+            b = task // (H * n_qt)
+            h = task // n_qt % H
+            i0 = task % n_qt * TQ
+            off = SKV - SQ
+            kv_lo, kv_hi = kv_range(i0, off, SKV)
+            q_t = T.decl_buffer((TQ, D), acc_t)
+            k_t = T.decl_buffer((D, TK), acc_t)
+            s_t = T.decl_buffer((TQ, TK), acc_t)
+            acc = T.decl_buffer((TQ, DV), acc_t)
+            m = T.decl_buffer((TQ,), acc_t)
+            l = T.decl_buffer((TQ,), acc_t)
+            m_new = T.decl_buffer((1,), acc_t)
+            alpha = T.decl_buffer((1,), acc_t)
+            row_sum = T.decl_buffer((1,), acc_t)
+            for i, d in T.grid(TQ, D):
+                q_t[i, d] = T.Cast(acc_t, Q[_axes_index(ql, b, h, T.min(i0 + i, SQ - 1), d)]) * T.float32(scale)
+            for i in T.serial(TQ):
+                m[i] = T.float32(NEG_LARGE)
+                l[i] = T.float32(0)
+                for e in T.vectorized(DV):
+                    acc[i, e] = T.float32(0)
+            for kt in T.serial((T.max(kv_hi - kv_lo, T.int64(0)) + TK - 1) // TK):
+                j0 = kv_lo + kt * TK
+                for d in T.serial(D):
+                    for jj in T.vectorized(TK):
+                        k_t[d, jj] = T.Cast(acc_t, k_load(K, b, h // G, T.min(j0 + jj, SKV - 1), d))
+                for io in T.serial(TQ // RB):
+                    for ii in T.unroll(RB):
+                        for jj in T.vectorized(TK):
+                            s_t[io * RB + ii, jj] = T.float32(0)
+                    for d in T.serial(D):
+                        for ii in T.unroll(RB):
+                            for jj in T.vectorized(TK):
+                                s_t[io * RB + ii, jj] = s_t[io * RB + ii, jj] + q_t[io * RB + ii, d] * k_t[d, jj]
+                for i in T.serial(TQ):
+                    for jj in T.vectorized(TK):
+                        s_t[i, jj] = T.Select(
+                            key_visible(j0 + jj, i0 + i + off, kv_hi),
+                            s_t[i, jj] + bias_term(Bias, b, h, T.min(i0 + i, SQ - 1), T.min(j0 + jj, SKV - 1)),
+                            T.float32(-math.inf))
+                    m_new[0] = m[i]
+                    for jj in T.serial(TK):
+                        m_new[0] = T.max(m_new[0], s_t[i, jj])
+                    alpha[0] = T.exp(m[i] - m_new[0])
+                    m[i] = m_new[0]
+                    row_sum[0] = T.float32(0)
+                    for jj in T.serial(TK):
+                        s_t[i, jj] = T.exp(s_t[i, jj] - m_new[0])
+                        row_sum[0] = row_sum[0] + s_t[i, jj]
+                    l[i] = l[i] * alpha[0] + row_sum[0]
+                    for e in T.vectorized(DV):
+                        acc[i, e] = acc[i, e] * alpha[0]
+                    for jj in T.serial(TK):
+                        for e in T.vectorized(DV):
+                            acc[i, e] = acc[i, e] + s_t[i, jj] * T.Cast(
+                                acc_t, V[_axes_index(vl, b, h // G, T.min(j0 + jj, SKV - 1), e)])
+            for i in T.serial(TQ):
+                if i0 + i < SQ:
+                    for e in T.serial(DV):
+                        O[_axes_index(ol, b, h, i0 + i, e)] = T.Cast(
+                            dtype, T.Select(l[i] > T.float32(0), acc[i, e] / l[i], T.float32(0)))
+
+    if spec.bias is not None:
+        @T.prim_func(private=True)
+        def flash_attention(q_h: T.handle, k_h: T.handle, v_h: T.handle, bias_h: T.handle, o_h: T.handle):
+            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+            B, SQ, SKV = T.int64(), T.int64(), T.int64()
+            BB, BH, BQ = T.int64(), T.int64(), T.int64()
+            Q = T.match_buffer(q_h, _axes_index(ql, B, H, SQ, D), dtype)
+            K = T.match_buffer(k_h, _axes_index(k_shape_layout, B, HKV, SKV, D), dtype)
+            V = T.match_buffer(v_h, _axes_index(vl, B, HKV, SKV, DV), dtype)
+            Bias = T.match_buffer(bias_h, (BB, BH, BQ, SKV), dtype)
+            O = T.match_buffer(o_h, _axes_index(ol, B, H, SQ, DV), dtype)
+            body(Q, K, V, Bias, O, B, SQ, SKV)
+    else:
+        @T.prim_func(private=True)
+        def flash_attention(q_h: T.handle, k_h: T.handle, v_h: T.handle, o_h: T.handle):
+            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+            B, SQ, SKV = T.int64(), T.int64(), T.int64()
+            Q = T.match_buffer(q_h, _axes_index(ql, B, H, SQ, D), dtype)
+            K = T.match_buffer(k_h, _axes_index(k_shape_layout, B, HKV, SKV, D), dtype)
+            V = T.match_buffer(v_h, _axes_index(vl, B, HKV, SKV, DV), dtype)
+            O = T.match_buffer(o_h, _axes_index(ol, B, H, SQ, DV), dtype)
+            body(Q, K, V, None, O, B, SQ, SKV)
+    return flash_attention
