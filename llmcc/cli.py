@@ -52,7 +52,8 @@ def cmd_compile(args) -> int:
         raise LlmccError(f"--calib {args.calib}: no such file")
     module = llmcc.compile(src, target=args.target, quant=args.quant, max_error=args.max_error, calib=args.calib,
                            quantize_head=not args.keep_head, quantize_embeddings=not args.keep_embeddings,
-                           lora=args.lora, verify=not args.no_verify, seed=args.seed, debug=args.debug)
+                           lora=args.lora, verify=not args.no_verify, seed=args.seed,
+                           fuse_attention=not args.no_fuse_attention, debug=args.debug)
     module.save(out)
     _print_summary(module.report, out)
     return 0
@@ -198,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="artifact folder (default: MODEL with suffix .llmcc)")
     p.add_argument("--no-verify", action="store_true", help="skip the check against onnxruntime")
     p.add_argument("--seed", type=int, default=None, help="seed of the verification inputs (default: fresh)")
+    p.add_argument("--no-fuse-attention", action="store_true",
+                   help="keep attention as the exported ops (the report still lists every site)")
     p.add_argument("--debug", action="store_true", help="check the IR is well formed after every phase")
     p.set_defaults(func=cmd_compile)
 

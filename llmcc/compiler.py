@@ -50,22 +50,25 @@ def _quiet_native_warnings():
 
 def compile(model, *, target: str = "cpu", quant: str = "none", max_error: float | None = None, calib=None,
             quantize_head: bool = True, quantize_embeddings: bool = True, lora=None, example_inputs=None,
-            verify: bool = True, seed: int | None = None, debug: bool = False) -> CompiledModule:  # noqa: A001
+            verify: bool = True, seed: int | None = None, fuse_attention: bool = True,
+            debug: bool = False) -> CompiledModule:  # noqa: A001
     """Compile an ONNX file, ModelProto or torch.nn.Module for ``target``; verified unless ``verify=False``.
 
     ``quant`` names a scheme in ``llmcc.quant.SCHEMES``; the accuracy gate keeps the outputs' relative error vs
     float32 within ``max_error`` (the scheme's default when None) on the ``calib`` inputs (.npz; random when None).
     ``lora``: PEFT LoRA adapter folders merged into the weights before anything else (so before quantization), each
-    a path, "path:scale" or (path, scale); see llmcc.lora.
+    a path, "path:scale" or (path, scale); see llmcc.lora. ``fuse_attention=False`` keeps every attention site as
+    the exported ops (the report still lists the sites).
     """
     with _quiet_native_warnings():
         return _compile(model, target=target, quant=quant, max_error=max_error, calib=calib,
                         quantize_head=quantize_head, quantize_embeddings=quantize_embeddings, lora=lora,
-                        example_inputs=example_inputs, verify=verify, seed=seed, debug=debug)
+                        example_inputs=example_inputs, verify=verify, seed=seed, fuse_attention=fuse_attention,
+                        debug=debug)
 
 
 def _compile(model, *, target, quant, max_error, calib, quantize_head, quantize_embeddings, lora, example_inputs,
-             verify, seed, debug) -> CompiledModule:
+             verify, seed, fuse_attention, debug) -> CompiledModule:
     scheme = quant_scheme(quant)
     spec = resolve(target)
     adapters = lora_mod.read_adapters(lora)  # read first: a bad adapter fails before any slow step
@@ -99,7 +102,8 @@ def _compile(model, *, target, quant, max_error, calib, quantize_head, quantize_
                          quantize_embeddings=quantize_embeddings, seed=seed)
         timings["quant_plan"] = time.perf_counter() - start
 
-    options = pipeline_mod.PipelineOptions(debug=debug, quant_formats=plan.formats() if plan else {})
+    options = pipeline_mod.PipelineOptions(debug=debug, quant_formats=plan.formats() if plan else {},
+                                           fuse_attention=fuse_attention)
     result = pipeline_mod.run(mod, spec, options)
     timings.update(result.timings)
 

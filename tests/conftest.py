@@ -1,5 +1,7 @@
-"""Session fixtures: the tiny model compiled once, and its artifact."""
+"""Session fixtures: the tiny model compiled once, and its artifact; a fresh random seed per test."""
 
+import os
+import secrets
 from pathlib import Path
 
 import pytest
@@ -23,3 +25,9 @@ def tiny_module(tiny_onnx):
 def tiny_artifact(tiny_module, tmp_path_factory) -> Path:
     return tiny_module.save(tmp_path_factory.mktemp("art") / "tiny.llmcc")
 
+
+
+@pytest.fixture
+def seed():
+    """A fresh seed per test (LLMCC_TEST_SEED=<int> replays one); tests put it in their failure messages."""
+    return int(os.environ.get("LLMCC_TEST_SEED") or secrets.randbits(31))

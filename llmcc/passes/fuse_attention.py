@@ -1,31 +1,36 @@
-"""fuse_attention: rewrite the exported attention subgraph into one ``R.nn.attention`` call.
+"""fuse_attention: rewrite each exported attention subgraph into one call of a flash attention kernel.
 
 transformers' sdpa attention exports as MatMul(q, k^T) with its scale (a scalar on the scores, or its square root
 on both q and k^T), Add(mask), Softmax, a NaN guard Where(IsNaN(p), 0, p) and MatMul(p, v), all in BNSH layout
 (batch, heads, sequence, head dim). This pass finds every softmax that feeds such a value matmul (a *site*), checks
-it (guards below) and replaces the site's output with ``R.nn.attention`` on BSNH q/k/v with the mask as a 4-D
-additive bias and the product of the scale constants as ``scale``. TVM legalizes that op for CPU and CUDA.
+it (guards below) and replaces the site's output with ``R.call_tir`` of a flash kernel
+(``llmcc.kernels.flash_attention``) built for the site's ``AttentionSpec``: its kind (causal, sliding window from
+the mask's structure; padding or any additive mask as a bias tensor; GQA groups; a KV cache when the key length
+differs from the query length), the product of the scale constants, and where q, k and v already sit in memory:
+the kernel reads q and v before their BSNH -> BNSH permutes, k before torch's reshape/transpose chain, and the
+un-repeated k/v heads under HF's repeat_kv (expand_dims, broadcast_to, reshape), so those copies disappear too.
+Sites of one spec share a kernel. The seq x seq scores never exist in memory.
 
-Runs in the graph phase on the imported module, before lift_weights (weights are still constants; nothing here
-needs them). Every site is reported in ``self.sites``: {"site", "kind", "fused", "reason", "kernel"}.
+Runs in the graph phase on the imported module, before lift_weights. Every site is reported in ``self.sites``:
+{"site", "kind", "fused", "reason", "kernel"}.
 
 Guards (a site that fails one stays as it is, with the reason recorded):
   - softmax on the last axis; scores, q, k^T, v all 4-D, float, same dtype; q and k^T are activations (not
     constants: a softmax over a linear layer's output is not attention);
   - the scale factors are scalar constants; the mask is *added* (a multiplicative mask does not match) and its
-    shape broadcasts to [B, H, Sq, Skv];
+    shape broadcasts to [B, H, Sq, Skv] with the keys' length in full;
   - the NaN guard, when present, writes 0.0 (dropping it is exact: HF's mask is finite, so softmax gives no NaN);
-  - the scores, probabilities and value-matmul output have no user outside the site;
-  - the key length is a constant or a plain symbolic dim (a decode step's ``past + 1`` trips an assertion in TVM
-    0.27's legalization of the op);
-  - not a sliding-window mask (R.nn.attention's window_size is refused at lowering in TVM 0.27) and not
-    block-sparse (BigBird gathers query/key blocks); both are left for the flash-style kernel.
-GQA (k/v heads repeated by expand_dims/broadcast_to/reshape) is fused with the repeated k/v: TVM's attention
-legalization needs as many k/v heads as q heads.
+  - the scores, probabilities and value-matmul output have no user outside the site (attention weights returned
+    as an output keep the site unfused);
+  - not block-sparse (BigBird gathers query/key blocks with its own code);
+  - a kernel exists for the target (CUDA sites stay unfused until the CUDA kernel lands).
+Causality and the window are read from the ops that build the mask (compares of position ranges, with the window as
+the constant offset) and let the kernel skip hidden tiles; the mask tensor is still added. A misread would hide keys
+the mask shows: the compiled model's check against onnxruntime fails then, loudly.
 
 Before::
 
-    lv1 = R.multiply(q, R.const(0.42))                  # q: [B, H, S, D]
+    lv1 = R.multiply(q, R.const(0.42))                  # q: [B, H, S, D] = permute_dims(q_bsnh, [0, 2, 1, 3])
     lv2 = R.multiply(k_t, R.const(0.42))                # k_t: [B, H, D, S]
     lv3 = R.matmul(lv1, lv2)
     lv4 = R.add(lv3, mask)                              # mask: [B, 1, S, S], 0 or -3.4e38
@@ -36,10 +41,8 @@ Before::
 
 After::
 
-    q_ = R.permute_dims(q, axes=[0, 2, 1, 3])           # or q's BSNH producer, when q is a permute of one
-    k_ = R.permute_dims(k_t, axes=[0, 3, 1, 2])         # or k's BSNH/BNSH producer, peeled from the k^T chain
-    v_ = R.permute_dims(v, axes=[0, 2, 1, 3])
-    out = R.nn.attention(q_, k_, v_, mask, scale=0.1767767)
+    out = R.call_tir(flash_attention_causal_mask, (q_bsnh, k_t, v, mask), R.Tensor((B, S, H, D)))
+    # AttentionSpec(scale=0.1767767, causal=True, bias=(False, True, False), q_layout="bsnd", k_layout="bnds", ...)
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from tvm.sym.analyzer import Analyzer
 from tvm import relax
 from tvm.relax.dpl import is_const, is_op, wildcard
 
+from llmcc.kernels.flash_attention import AttentionSpec, flash_attention_cpu
 from llmcc.passes import LlmccPass
 
 _Const = tvm.ir.GenericConst  # TVM 0.27: relax constants are tvm.ir.GenericConst(.value, .ty)
@@ -134,6 +138,19 @@ def _producer(expr, var2val):
     return expr if isinstance(expr, relax.Call) else None
 
 
+def _operand_vars(expr) -> list:
+    """The variables ``expr`` uses directly: a call's arguments, a tuple's fields (nested), a tuple item's tuple."""
+    if isinstance(expr, relax.Var):
+        return [expr]
+    if isinstance(expr, relax.Call):
+        return [v for a in expr.args for v in _operand_vars(a)]
+    if isinstance(expr, relax.Tuple):
+        return [v for f in expr.fields for v in _operand_vars(f)]
+    if isinstance(expr, relax.TupleGetItem):
+        return _operand_vars(expr.tuple_value)
+    return []
+
+
 def _axes(call) -> list[int]:
     return [int(a) for a in call.attrs.axes]
 
@@ -165,7 +182,10 @@ def _upstream(expr, var2val, *, through=None, limit=400):
 class _Site:
     def __init__(self, root_var, matched: dict, pattern: str):
         self.root_var, self.m, self.pattern = root_var, matched, pattern
-        self.kind, self.reason, self.scale, self.window = "dense", "", 1.0, None
+        self.kind, self.reason, self.scale, self.window, self.causal = "dense", "", 1.0, None, False
+        self.operands: dict = {}
+        self.kv_heads = 0
+        self.spec: AttentionSpec | None = None
 
 
 def _outputs(func) -> set:
@@ -242,11 +262,6 @@ def _check(site: _Site, var2val, consumers, outputs, params) -> str:
     if not (_same_dim(qs[3], ks[2]) and _same_dim(ks[3], vs[2]) and _same_dim(qs[1], ks[1])
             and _same_dim(qs[1], vs[1])):
         return "q [B,H,Sq,D], k^T [B,H,D,Skv], v [B,H,Skv,Dv] do not line up (not BNSH layout)"
-    skv = vs[2]
-    if not isinstance(skv, (tvm.tirx.IntImm, tvm.tirx.Var)):
-        site.kind = "kv_cache"
-        return (f"key length {skv} is a compound symbolic expression: TVM 0.27's attention legalization asserts "
-                f"(topi batch_matmul compares the kv lengths structurally); left for the flash-style kernel")
     if site.pattern == "sdpa_bsnh_out" and _axes(m["root"]) != [0, 2, 1, 3]:
         return "output permute is not BNSH -> BSNH"
     scale = 1.0
@@ -285,15 +300,19 @@ def _check(site: _Site, var2val, consumers, outputs, params) -> str:
         return "an intermediate (scores or probabilities) is used outside the attention"
     if _is_gqa(k_t, var2val) or _is_gqa(v, var2val):
         feats.append("gqa")
+    if not _same_dim(qs[2], vs[2]):
+        feats.append("kv_cache")
+    site.causal = "causal" in feats
     site.kind = "+".join(feats) or "dense"
     if site.window is not None:
         site.kind = "+".join(["sliding_window"] + [f for f in feats if f != "causal"])
-        return (f"sliding-window mask (window {site.window}): R.nn.attention's window_size is refused at lowering "
-                f"in TVM 0.27; left for the flash-style kernel")
     if _is_block_sparse([q, k_t, v], var2val):
         site.kind = "block_sparse"
-        return "block-sparse attention (q/k/v gathered from blocks): not expressible as one dense R.nn.attention"
-    return ""
+        return ("block-sparse attention (q/k/v gathered from blocks by BigBird's own code): the blocks arrive as "
+                "dense 4-D attention over gathered keys; no block-sparse kernel reads them in place yet")
+    _plan_operands(site, var2val)
+    site.spec = _spec(site)
+    return site.spec.check() or ""
 
 
 def _describe_unmatched(probs_var, probs, var2val) -> tuple[str, str]:
@@ -311,77 +330,138 @@ def _describe_unmatched(probs_var, probs, var2val) -> tuple[str, str]:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Rewriting: each accepted site's root binding becomes R.nn.attention on BSNH q/k/v.
+# Operands: where the kernel reads q, k and v from, without the copies the exported graph makes on the way.
 
 
-def _q_bsnh(q, var2val):
-    """(expr, axes): q [B,H,S,D] as BSNH; peels a BSNH->BNSH permute_dims when q is one."""
-    p = _producer(q, var2val)
+def _peel_repeat(x, var2val):
+    """(kv, groups): x [B, H, S, D] = reshape(broadcast_to(expand_dims(kv, 2), [B, Hkv, G, S, D])) is kv repeated G
+    times per head (HF's repeat_kv); else (x, 1)."""
+    r = _producer(x, var2val)
+    if _op_name(r) != "relax.reshape":
+        return x, 1
+    bc = _producer(r.args[0], var2val)
+    if _op_name(bc) != "relax.broadcast_to" or _ndim(bc) != 5:
+        return x, 1
+    ex = _producer(bc.args[0], var2val)
+    if _op_name(ex) != "relax.expand_dims" or [int(a) for a in ex.attrs.axis] != [2] or _ndim(ex.args[0]) != 4:
+        return x, 1
+    kv, bs, xs = ex.args[0], _shape(bc), _shape(x)
+    groups = bs[2]
+    if not isinstance(groups, tvm.tirx.IntImm) or not _same_dim(xs[1], bs[1] * groups):
+        return x, 1
+    return kv, int(groups)
+
+
+def _peel_permute(x, var2val):
+    """(expr, layout) of a BNSH tensor: its BSNH source when x is permute_dims(src, [0, 2, 1, 3])."""
+    p = _producer(x, var2val)
     if _op_name(p) == "relax.permute_dims" and _axes(p) == [0, 2, 1, 3]:
-        return p.args[0], None
-    return q, [0, 2, 1, 3]
+        return p.args[0], "bsnd"
+    return x, "bnsd"
 
 
-def _k_bsnh(k_t, var2val):
-    """(expr, axes): k^T [B,H,D,S] as BSNH; peels torch's reshape(transpose(reshape(k))) and plain permutes."""
+def _k_operand(k_t, var2val):
+    """(expr, layout) of the keys behind k^T [B, H, D, S]: peels torch's reshape(transpose(reshape(k))) and permutes;
+    k^T itself ("bnds") when nothing peels."""
     p = _producer(k_t, var2val)
     name = _op_name(p)
     if name == "relax.permute_dims" and _axes(p) == [0, 2, 3, 1]:
-        return p.args[0], None                    # BSNH -> BHDS in one permute
+        return p.args[0], "bsnd"
     if name == "relax.permute_dims" and _axes(p) == [0, 1, 3, 2]:
-        return p.args[0], [0, 2, 1, 3]            # BNSH -> BNDS
+        return p.args[0], "bnsd"
     if name == "relax.reshape":
         t = _producer(p.args[0], var2val)
         if _op_name(t) == "relax.permute_dims" and _axes(t) == [0, 2, 1] and _ndim(t) == 3:
             r = _producer(t.args[0], var2val)
             if _op_name(r) == "relax.reshape" and _ndim(r.args[0]) == 4:
-                k = r.args[0]                     # [B, H, S, D] reshaped to [B*H, S, D], transposed, reshaped back
+                k = r.args[0]  # [B, H, S, D] reshaped to [B*H, S, D], transposed, reshaped back
                 ks, kts = _shape(k), _shape(k_t)
                 if all(_same_dim(a, b) for a, b in zip(ks, [kts[0], kts[1], kts[3], kts[2]])):
-                    return k, [0, 2, 1, 3]
-    return k_t, [0, 3, 1, 2]
+                    return k, "bnsd"
+    return k_t, "bnds"
+
+
+def _plan_operands(site: _Site, var2val) -> None:
+    """Fill site.operands {"q", "k", "v": (expr, layout)} and site.kv_heads."""
+    m = site.m
+    q = _peel_permute(m["q"], var2val)
+    k, k_layout = _k_operand(m["k_t"], var2val)
+    v, groups_v = _peel_repeat(m["v"], var2val)
+    if k_layout == "bnsd":
+        k, groups_k = _peel_repeat(k, var2val)
+    else:
+        groups_k = 1
+    heads = int(_shape(m["q"])[1])
+    if groups_k != groups_v:  # keep one repeat rather than none: both operands must have the same kv heads
+        k, k_layout = _k_operand(m["k_t"], var2val)
+        v, groups_k = m["v"], 1
+    k_op = _peel_permute(k, var2val) if k_layout == "bnsd" else (k, k_layout)
+    site.operands = {"q": q, "k": k_op, "v": _peel_permute(v, var2val)}
+    site.kv_heads = heads // groups_k
+
+
+def _spec(site: _Site) -> AttentionSpec:
+    m = site.m
+    qs, vs = _shape(m["q"]), _shape(m["v"])
+    bias = None
+    if m.get("mask") is not None:
+        ms = [1] * (4 - _ndim(m["mask"])) + list(_shape(m["mask"]))
+        bias = tuple(_is_one(d) for d in ms[:3])
+    q_len = int(qs[2]) if isinstance(qs[2], tvm.tirx.IntImm) else None
+    return AttentionSpec(num_heads=int(qs[1]), num_kv_heads=site.kv_heads, head_dim=int(qs[3]),
+                         value_dim=int(vs[3]), scale=site.scale, dtype=_dtype(m["scores"]),
+                         causal=site.causal, window=site.window, bias=bias, q_layout=site.operands["q"][1],
+                         k_layout=site.operands["k"][1], v_layout=site.operands["v"][1],
+                         out_layout="bsnd" if site.pattern == "sdpa_bsnh_out" else "bnsd", q_len=q_len)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Rewriting: each accepted site's root binding becomes one call of its flash kernel.
 
 
 @relax.expr_functor.mutator
 class _SiteRewriter(relax.PyExprMutator):
-    def __init__(self, plans: dict, var2val: dict, mod=None):
+    def __init__(self, plans: dict, kernel_for, mod=None):
         super().__init__(mod)
-        self.plans, self.var2val = plans, var2val
-
-    def _bsnh(self, expr, axes):
-        expr = self.visit_expr(expr)
-        return expr if axes is None else self.builder_.emit(relax.op.permute_dims(expr, axes))
+        self.plans, self.kernel_for = plans, kernel_for
+        self.kernels: dict = {}  # spec -> GlobalVar: sites of one shape share a kernel
 
     def visit_var_binding_(self, binding):
         site = self.plans.get(binding.var)
         if site is None:
             super().visit_var_binding_(binding)
             return
-        m = site.m
-        q = self._bsnh(*_q_bsnh(m["q"], self.var2val))
-        k = self._bsnh(*_k_bsnh(m["k_t"], self.var2val))
-        v = self._bsnh(m["v"], [0, 2, 1, 3])
-        bias = m.get("mask")
+        spec = site.spec
+        if spec not in self.kernels:
+            self.kernels[spec] = self.builder_.add_func(self.kernel_for(spec), f"flash_attention_{spec.kind}")
+        args = [self.visit_expr(site.operands[n][0]) for n in ("q", "k", "v")]
+        bias = site.m.get("mask")
         if bias is not None:
             bias = self.visit_expr(bias)
             while _ndim(bias) < 4:
                 bias = self.builder_.emit(relax.op.expand_dims(bias, 0))
-        dtype = _dtype(m["scores"])
-        out = relax.op.nn.attention(q, k, v, bias=bias, scale=tvm.tirx.FloatImm(dtype, site.scale))
-        if site.pattern == "sdpa_bnsh_out":
-            out = relax.op.permute_dims(self.builder_.emit(out), [0, 2, 1, 3])
+            args.append(bias)
+        out = relax.call_tir(self.kernels[spec], args, binding.var.ty)
         # Keep the site's output variable (a dataflow output stays one); only its value changes.
         self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(out)))
 
 
 class FuseAttention(LlmccPass):
-    """Rewrite exported sdpa attention sites into R.nn.attention; ``sites`` reports every site, fused or not."""
+    """Rewrite exported sdpa attention sites into one flash kernel call each; ``sites`` reports every site."""
 
     name = "fuse_attention"
 
-    def __init__(self) -> None:
+    def __init__(self, target=None) -> None:
+        """``target``: the TargetSpec the kernels are for (None: the CPU)."""
         super().__init__()
+        self.target = target
         self.sites: list[dict] = []
+
+    def _kernel_name(self) -> str | None:
+        return None if self.target is not None and self.target.is_gpu else "flash_attention_cpu"
+
+    def _kernel_for(self, spec: AttentionSpec):
+        return flash_attention_cpu(spec)
 
     def transform(self, mod):
         self.sites = []
@@ -389,14 +469,19 @@ class FuseAttention(LlmccPass):
         for gv, func in list(mod.functions.items()):
             if not isinstance(func, relax.Function) or (func.attrs is not None and "Primitive" in func.attrs):
                 continue
-            new_func, n = self._fuse_function(gv.name_hint, func)
-            if n:
-                mod = mod.copy() if hasattr(mod, "copy") else mod
-                mod[gv] = new_func
-                total += n
+            plans = self._plan_function(gv.name_hint, func)
+            if not plans:
+                continue
+            rewriter = _SiteRewriter(plans, self._kernel_for, mod)
+            new_body = rewriter.visit_expr(func.body)
+            mod = rewriter.builder_.get()  # with the kernels it added
+            new_func = relax.Function(func.params, new_body, func.ret_ty, func.is_pure, func.attrs)
+            mod[gv] = relax.analysis.remove_all_unused(new_func)
+            total += len(plans)
         return mod, total
 
-    def _fuse_function(self, fname: str, func):
+    def _plan_function(self, fname: str, func) -> dict:
+        """The sites of ``func`` to fuse, keyed by their root variable; every site is recorded on the way."""
         var2val = relax.analysis.get_var2val(func)
         outputs = _outputs(func)
         params = set(func.params)
@@ -404,10 +489,8 @@ class FuseAttention(LlmccPass):
         plans = {}
         consumers: dict = {}
         for var, val in var2val.items():
-            if isinstance(val, relax.Call):
-                for a in val.args:
-                    if isinstance(a, relax.Var):
-                        consumers.setdefault(a, []).append(var)
+            for a in _operand_vars(val):
+                consumers.setdefault(a, []).append(var)
         # A site is a softmax whose (NaN-guarded) output is the left operand of a matmul; bindings in order.
         softmaxes = [var for var, val in var2val.items() if _op_name(val) == "relax.nn.softmax"]
         order = {var: i for i, var in enumerate(var2val)}
@@ -420,15 +503,12 @@ class FuseAttention(LlmccPass):
                 self._record(fname, probs_var, kind, False, reason)
                 continue
             reason = _check(site, var2val, consumers, outputs, params)
+            if not reason and self._kernel_name() is None:
+                reason = f"no flash attention kernel for target {self.target.name} yet: left unfused"
             self._record(fname, probs_var, site.kind, not reason, reason)
             if not reason:
                 plans[site.root_var] = site
-        if not plans:
-            return func, 0
-        new_body = _SiteRewriter(plans, var2val).visit_expr(func.body)
-        new_func = relax.Function(func.params, new_body, func.ret_ty, func.is_pure, func.attrs)
-        new_func = relax.analysis.remove_all_unused(new_func)
-        return new_func, len(plans)
+        return plans
 
     @staticmethod
     def _value_matmuls(probs_var, var2val, consumers) -> list:
@@ -453,4 +533,4 @@ class FuseAttention(LlmccPass):
 
     def _record(self, fname, probs_var, kind, fused, reason):
         self.sites.append({"site": f"{fname}/{probs_var.name}", "kind": kind, "fused": bool(fused),
-                           "reason": reason, "kernel": "relax.nn.attention" if fused else None})
+                           "reason": reason, "kernel": self._kernel_name() if fused else None})

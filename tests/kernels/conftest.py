@@ -7,7 +7,6 @@ time (llmcc.kernels._common.launchable) and avoid triton's own @jit helpers (tl.
 works whether or not triton was imported earlier in the process, in either mode.
 """
 import os
-import secrets
 
 import pytest
 
@@ -20,12 +19,6 @@ def triton_interpret(monkeypatch):
     if not _common.interpret_mode():  # triton.knobs.runtime.interpret pinned in code overrides the env var
         pytest.fail("TRITON_INTERPRET=1 did not engage triton's interpreter (triton.knobs.runtime.interpret pinned?)")
     yield
-
-
-@pytest.fixture
-def seed():
-    """A fresh seed per test (LLMCC_TEST_SEED=<int> replays one); tests put it in their failure messages."""
-    return int(os.environ.get("LLMCC_TEST_SEED") or secrets.randbits(31))
 
 
 def cuda_aot_available() -> str | None:
