@@ -34,16 +34,22 @@ def dim_settings(inputs: list[TensorSpec], count: int = 3) -> list[dict[str, int
 
 
 def index_bounds(model: onnx.ModelProto) -> dict[str, int]:
-    """Input name -> exclusive upper bound for inputs used as Gather indices into an initializer."""
+    """Input name -> exclusive upper bound for inputs used as indices into an initializer: Gather's indices, and
+    RotaryEmbedding's position_ids (rows of its cos/sin caches)."""
     sizes = {i.name: list(i.dims) for i in model.graph.initializer}
     bounds: dict[str, int] = {}
     for node in model.graph.node:
-        if node.op_type == "Gather" and len(node.input) == 2 and node.input[0] in sizes:
+        if node.op_type == "Gather" and len(node.input) == 2:
+            table, index = node.input[0], node.input[1]
             axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-            dims = sizes[node.input[0]]
-            if dims:
-                bound = dims[axis]
-                bounds[node.input[1]] = min(bounds.get(node.input[1], bound), bound)
+        elif node.op_type == "RotaryEmbedding" and len(node.input) == 4 and node.input[3]:
+            table, index, axis = node.input[1], node.input[3], 0
+        else:
+            continue
+        dims = sizes.get(table)
+        if dims:
+            bound = dims[axis]
+            bounds[index] = min(bounds.get(index, bound), bound)
     return bounds
 
 

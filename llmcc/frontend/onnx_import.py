@@ -91,13 +91,15 @@ def import_model(model: onnx.ModelProto):
     from tvm.relax.frontend.onnx import from_onnx
     from tvm.relax.frontend.onnx import onnx_frontend as tvm_onnx
 
+    from llmcc.frontend.onnx_attention_ops import ATTENTION_CONVERTERS
     from llmcc.frontend.onnx_cleanup import clean_model
     from llmcc.frontend.onnx_converters import CONVERTERS
     from llmcc.frontend.onnx_quantized import CONTRIB_CONVERTERS
 
     model = clean_model(model)
     opset = model_opset(model)
-    supported = set(tvm_onnx._get_convert_map()) | set(CONVERTERS) | {"If", "Constant"}
+    supported = (set(tvm_onnx._get_convert_map()) | set(CONVERTERS) | set(ATTENTION_CONVERTERS)
+                 | {"If", "Constant"})
     for node in model.graph.node:
         if node.domain == "com.microsoft" and node.op_type in CONTRIB_CONVERTERS:
             continue
@@ -112,6 +114,7 @@ def import_model(model: onnx.ModelProto):
     def convert_map():
         table = original_map()
         table.update(CONVERTERS)
+        table.update(ATTENTION_CONVERTERS)  # over TVM's "Attention", which is com.microsoft's
         table.update(CONTRIB_CONVERTERS)
         return table
 
