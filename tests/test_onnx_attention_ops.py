@@ -42,19 +42,6 @@ def _attention(inputs, outputs=("y",), **attrs):
     return helper.make_node("Attention", list(inputs), list(outputs), name="attn", **attrs)
 
 
-@pytest.fixture
-def fused(monkeypatch):
-    """llmcc.compile with PipelineOptions.fuse_attention on (compile has no switch for it: fusion is opt-in)."""
-    original = llmcc.pipeline.run
-
-    def run(mod, target, options=None):
-        options = options or llmcc.pipeline.PipelineOptions()
-        options.fuse_attention = True
-        return original(mod, target, options)
-
-    monkeypatch.setattr(llmcc.pipeline, "run", run)
-
-
 def _feed(model, rng, dims, masks=None):
     """Random inputs for ``model``'s graph inputs; symbolic dims from ``dims``; ``masks`` overrides by name."""
     feed = {}
@@ -85,16 +72,16 @@ def _compare(out, ref, what):
     assert err <= RTOL, f"{what}: relative error {err:.3g} > {RTOL}"
 
 
-def _check(model, feeds, *, sites=None, ort_outputs=(), verify=False):
+def _check(model, feeds, *, sites=None, ort_outputs=(), verify=False, fuse=True):
     """Compile ``model`` and compare every output with onnx.reference on each feed (a function of the rng).
 
-    ``sites``: the number of Attention nodes, checked in the compile report (with fusion on). ``ort_outputs``:
+    ``sites``: the number of Attention nodes, checked in the compile report (with ``fuse``). ``ort_outputs``:
     outputs compared with onnxruntime instead. ``verify``: llmcc's own check against onnxruntime 1.32 too (it runs
     opset-23 Attention and RotaryEmbedding). Returns the report's attention entries.
     """
     seed = np.random.SeedSequence().entropy
     rng = np.random.default_rng(seed)
-    module = llmcc.compile(model, target="cpu", verify=verify, seed=int(seed % 2**31))
+    module = llmcc.compile(model, target="cpu", verify=verify, seed=int(seed % 2**31), fuse_attention=fuse)
     ref = ReferenceEvaluator(model)
     names = [o.name for o in model.graph.output]
     for make_feed in feeds:
@@ -174,17 +161,15 @@ def _masks_with_dead_rows(model, rng):
 
 
 @pytest.mark.parametrize("name", list(ATTENTION_CASES))
-@pytest.mark.parametrize("fuse", [False, True], ids=["default", "fused"])
-def test_attention(name, fuse, request):
+@pytest.mark.parametrize("fuse", [False, True], ids=["unfused", "fused"])
+def test_attention(name, fuse):
     attrs, inputs, out_shape, mask = ATTENTION_CASES[name]
-    if fuse:
-        request.getfixturevalue("fused")
     names = ["q", "k", "v"] + (["mask"] if mask is not None else [])
     model = _model([_attention(names, **attrs)], inputs + ([mask] if mask is not None else []), [_vi("y", out_shape)])
     feeds = [lambda rng: _feed(model, rng, {})]
     if mask is not None:
         feeds.append(lambda rng: _feed(model, rng, {}, _masks_with_dead_rows(model, rng)))
-    report = _check(model, feeds, sites=1 if fuse else None)
+    report = _check(model, feeds, sites=1 if fuse else None, fuse=fuse)
     if fuse:
         assert report[0]["fused"], report
         if attrs.get("kv_num_heads", H) < H or "gqa" in name or "mqa" in name:
@@ -193,7 +178,7 @@ def test_attention(name, fuse, request):
         assert report == []
 
 
-def test_past_kv_causal_present_outputs(fused):
+def test_past_kv_causal_present_outputs():
     """Decode with a KV cache: K/V concatenated to the past, causal bottom-right (j <= i + past), present outputs."""
     past, sq = 5, 3
     model = _model(
@@ -206,7 +191,7 @@ def test_past_kv_causal_present_outputs(fused):
     assert report[0]["fused"] and "gqa" in report[0]["kind"], report
 
 
-def test_symbolic_kv_cache_with_short_mask(fused):
+def test_symbolic_kv_cache_with_short_mask():
     """Symbolic batch / sequence / past, causal, a bool mask of its own symbolic length (when shorter than past +
     sequence, padded with False as the reference does): one model run as prefill (past 0) and as decode steps."""
     model = _model(
@@ -217,7 +202,7 @@ def test_symbolic_kv_cache_with_short_mask(fused):
     feeds = [lambda rng, b=b, s=s, p=p, m=m: _feed(model, rng, {"b": b, "s": s, "p": p, "m": m})
              for b, s, p, m in ((2, 4, 0, 4), (1, 1, 6, 7), (3, 2, 3, 4))]
     report = _check(model, feeds, sites=1)
-    assert not report[0]["fused"]  # the key length past + s is compound: left for the flash-style kernel
+    assert report[0]["fused"] and "kv_cache" in report[0]["kind"], report  # the kernel takes any key length
 
 
 def _modes_model(mode, **extra):
@@ -231,7 +216,7 @@ def _modes_model(mode, **extra):
 
 
 @pytest.mark.parametrize("mode", [0, 1, 2, 3])
-def test_qk_matmul_output_modes_and_softcap(mode, fused):
+def test_qk_matmul_output_modes_and_softcap(mode):
     """All four outputs, with softcap, a KV cache and a bool mask (with a fully masked row): as the reference.
 
     Mode 0 is "the output of qk matmul" (spec), before softcap; onnx.reference returns it after softcap, against
@@ -244,7 +229,7 @@ def test_qk_matmul_output_modes_and_softcap(mode, fused):
     assert not report[0]["fused"]  # softcap's tanh sits between the scores and the softmax
 
 
-def test_softmax_precision(fused):
+def test_softmax_precision():
     """A float64 softmax on float32 inputs: cast to float64 and back, as the reference does."""
     model = _modes_model(3, softmax_precision=TP.DOUBLE)
     report = _check(model, [lambda rng: _feed(model, rng, {}),
@@ -347,7 +332,7 @@ def test_rotary_errors():
 # Rotary then attention, as an exporter writes a decoder layer
 
 
-def test_rotary_then_attention(fused):
+def test_rotary_then_attention():
     """RotaryEmbedding on q and k (shared caches, position_ids), then causal GQA Attention on 3-D inputs."""
     half = D // 2
     cos, sin = _rope_caches(32, half)

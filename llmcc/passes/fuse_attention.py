@@ -127,7 +127,7 @@ def _same_dim(a, b) -> bool:
 
 
 def _is_one(d) -> bool:
-    return isinstance(d, tvm.tirx.IntImm) and int(d) == 1
+    return isinstance(d, (int, tvm.tirx.IntImm)) and int(d) == 1
 
 
 def _producer(expr, var2val):
