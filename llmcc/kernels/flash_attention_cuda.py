@@ -17,7 +17,7 @@ index ordered so that the query tiles of one head are adjacent (their K/V stay i
 tile (the last one) starts first. The block's ``NY x TX`` threads (``threadIdx.y`` x ``threadIdx.x``, TX lanes of
 one warp per row group) own a register tile: thread (ty, tx) owns query rows ``ty*RQ .. ty*RQ+RQ-1`` and, of each
 key tile of TK keys, keys ``tx + TX*c`` (c < RK) for the scores and value columns ``tx + TX*c`` for the output.
-Per key tile, which only the tiles that causality / the window leave visible to some row of the block are visited:
+Only the key tiles that causality / the window leave visible to some row of the block are visited; per tile:
 
   1. all threads copy K[TK, D] and V[TK, DV] to shared memory (coalesced: along d, or along keys for a ``bnds`` k;
      16-byte vector loads where the layout allows), Q[TQ, D] having been copied once before the loop;
@@ -40,11 +40,14 @@ block combines them, ``out = sum_w acc_w e^(m_w - M) / sum_w l_w e^(m_w - M)`` w
 element per thread. The split stays inside a block: the kernel has no workspace parameter for a cross-block
 (flash-decoding) split, so when ``B * H`` is well below the GPU's SM count a long Skv is read by few SMs.
 
-GQA: a block handles one query head and reads its kv head's K/V (the group's other blocks are adjacent in launch
-order and hit L2). No tensor cores: the products run on CUDA cores in fp32 (``mma.sync`` tiles are the next step).
+GQA: a block handles one query head and reads its kv head's K/V (the group's other heads are launched close by and
+hit L2). No tensor cores: the products run on CUDA cores in fp32 (``mma.sync`` tiles are the next step). The grid
+has at least one block: with Sq = 0 or B = 0 that block does nothing (CUDA refuses an empty launch).
 
-Tile configs (``cuda_tiles``) depend on max(head_dim, value_dim), the element size and the arch: shared memory is
-capped at 48 KB static per block, and at 32 KB on sm_86 / sm_89 (100 KB per SM there: three blocks still fit).
+Tile configs (``cuda_tiles``) depend on max(head_dim, value_dim), the element size and the arch: a base config per
+(head dim bucket, 4- or 2-byte elements), shrunk (fewer keys, then fewer rows per tile) until its shared memory fits
+the arch's budget: 48 KB static per block, 32 KB on sm_86 / sm_89 (100 KB per SM there: three blocks still fit);
+sm_80, sm_87 and sm_90 take the same tiles. All shared tiles and register arrays have static sizes.
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ from dataclasses import dataclass, field, replace
 
 from llmcc.kernels.flash_attention import NEG_LARGE, AttentionSpec, _axes_index
 
-__all__ = ["CudaTiles", "cuda_tiles", "flash_attention_cuda", "shared_memory_bytes", "SMEM_LIMIT", "ARCHS"]
+__all__ = ["ARCHS", "SMEM_LIMIT", "CudaTiles", "cuda_tiles", "flash_attention_cuda", "shared_memory_bytes"]
 
 ARCHS = ("sm_80", "sm_86", "sm_87", "sm_89", "sm_90")
 SMEM_LIMIT = 48 * 1024  # static __shared__ per block: the most a kernel may declare without opting in at launch
@@ -130,38 +133,34 @@ def cuda_tiles(spec: AttentionSpec, arch: str = "sm_80") -> CudaTiles:
     budget = _SMALL_SMEM_ARCHS.get(arch, SMEM_LIMIT)
     dmax, wide = max(spec.head_dim, spec.value_dim), spec.dtype == "float32"
     if spec.q_len is not None and spec.q_len <= DECODE_MAX_ROWS:
-        # 8 warps split the keys; 8 keys per warp per tile (4 lanes each) amortise the two barriers per tile.
-        t = CudaTiles("decode", tq=spec.q_len, tk=64, threads=256, rq=1, rk=8,
-                      why="decode: q_len rows, keys split over 8 warps, 4 lanes per key")
-        while shared_memory_bytes(spec, t) > budget:
-            if t.rk > 1:
-                t = replace(t, rk=t.rk // 2, tk=t.tk // 2)
-            elif t.threads > WARP:
-                t = replace(t, threads=t.threads // 2, tk=t.tk // 2)
-            else:
-                raise ValueError(f"no decode tile config of attention {spec} fits {budget} bytes of shared memory")
-        return t
-    if dmax <= 64:
-        t = (CudaTiles("prefill", 64, 32, 128, 4, 4, why="fp32 d<=64: 4x4 register tiles, 64 rows share each K/V tile")
-             if wide else
-             CudaTiles("prefill", 64, 64, 256, 4, 4, why="16-bit d<=64: half-size tiles allow 64 keys per barrier"))
+        base = CudaTiles("decode", tq=spec.q_len, tk=64, threads=256, rq=1, rk=8,
+                         why="decode: 8 warps split the keys, 8 keys per warp per tile amortise its 2 barriers")
+    elif dmax <= 64:
+        base = (CudaTiles("prefill", 64, 32, 128, 4, 4, why="fp32 d<=64: 4x4 score tiles, 64 rows share each K/V tile")
+                if wide else
+                CudaTiles("prefill", 64, 64, 256, 4, 4, why="16-bit d<=64: half-size tiles allow 64 keys per tile"))
     elif dmax <= 128:
-        t = (CudaTiles("prefill", 32, 16, 128, 2, 2, why="fp32 d<=128: Q+K+V tiles of 128 floats fill 48 KB")
-             if wide else
-             CudaTiles("prefill", 64, 32, 128, 4, 4, why="16-bit d<=128: 4x4 score and 4x16 output register tiles"))
+        base = (CudaTiles("prefill", 32, 16, 128, 2, 2, why="fp32 d<=128: Q+K+V tiles of 128 floats fill 48 KB")
+                if wide else
+                CudaTiles("prefill", 64, 32, 128, 4, 4, why="16-bit d<=128: 4x4 score, 4x16 output tiles per thread"))
     else:
-        t = (CudaTiles("prefill", 16, 8, 128, 1, 1, why="fp32 d>128: one row per thread, 8 keys per tile")
-             if wide else
-             CudaTiles("prefill", 32, 16, 128, 2, 2, why="16-bit d>128: 2x2 score tiles keep shared memory < 48 KB"))
+        base = (CudaTiles("prefill", 16, 8, 128, 1, 1, why="fp32 d>128: one row per thread, 8 keys per tile")
+                if wide else
+                CudaTiles("prefill", 32, 16, 128, 2, 2, why="16-bit d>128: 2x2 score tiles keep shared memory < 48 KB"))
+    t = base
     while shared_memory_bytes(spec, t) > budget:
-        if t.rk > 1:  # fewer keys per tile
+        if t.rk > 1:  # fewer keys per tile (per thread, or per warp when decoding)
             t = replace(t, tk=t.tk // 2, rk=t.rk // 2)
-        elif t.rq > 1:  # fewer rows per thread
+        elif t.mode == "prefill" and t.rq > 1:  # fewer rows per thread
             t = replace(t, tq=t.tq // 2, rq=t.rq // 2)
-        elif t.threads > t.tx:  # fewer row groups
+        elif t.mode == "prefill" and t.threads > t.tx:  # fewer row groups
             t = replace(t, tq=t.tq // 2, threads=t.threads // 2)
+        elif t.mode == "decode" and t.threads > WARP:  # fewer warps
+            t = replace(t, tk=t.tk // 2, threads=t.threads // 2)
         else:
             raise ValueError(f"no tile config of attention {spec} fits {budget} bytes of shared memory")
+    if t != base:
+        t = replace(t, why=f"{base.why}; shrunk to fit {budget // 1024} KB of shared memory")
     return t
 
 
@@ -210,7 +209,7 @@ class _Ctx:
         self.scale = float(spec.scale)
         self.causal = bool(spec.causal or spec.window)
         self.window = int(spec.window or 0)
-        self.kl = "bnds" if spec.k_layout == "bnds" else spec.k_layout
+        self.kl = spec.k_layout
 
     def bias_term(self, Bias, b, h, i, j):
         tirx = self.tirx
@@ -365,96 +364,97 @@ def _prefill_kernel(spec: AttentionSpec, t: CudaTiles):
 
     @T.macro
     def body(Q, K, V, Bias, O, B, SQ, SKV):
-        for bx in T.thread_binding(B * H * _ceil_div(SQ, TQ), thread="blockIdx.x"):
+        for bx in T.thread_binding(T.max(B * H * _ceil_div(SQ, TQ), T.int64(1)), thread="blockIdx.x"):
             for ty in T.thread_binding(NY, thread="threadIdx.y"):
                 for tx in T.thread_binding(TX, thread="threadIdx.x"):
-                    Qs = T.decl_buffer((TQ * DP,), dtype, scope="shared")  # row stride DP
-                    Ks = T.decl_buffer((TK * DP,), dtype, scope="shared")
-                    Vs = T.decl_buffer((TK, DV), dtype, scope="shared")
-                    Ps = T.decl_buffer((TQ * PP,), "float32", scope="shared")  # row stride PP
-                    tmp = T.decl_buffer((VEC,), dtype, scope="local")
-                    s = T.decl_buffer((RQ * RK,), "float32", scope="local")
-                    acc = T.decl_buffer((RQ * NC,), "float32", scope="local")
-                    m = T.decl_buffer((RQ,), "float32", scope="local")
-                    l = T.decl_buffer((RQ,), "float32", scope="local")
-                    qv = T.decl_buffer((RQ,), "float32", scope="local")
-                    kv = T.decl_buffer((RK,), "float32", scope="local")
-                    vv = T.decl_buffer((NC,), "float32", scope="local")
-                    red = T.decl_buffer((1,), "float32", scope="local")
-                    bh = bx // _ceil_div(SQ, TQ)
-                    b = bh // H
-                    h = bh % H
-                    hk = h // G
-                    qt = (_ceil_div(SQ, TQ) - 1 - bx % _ceil_div(SQ, TQ)) if reverse else bx % _ceil_div(SQ, TQ)
-                    i0 = qt * TQ
-                    off = SKV - SQ
-                    tid = ty * TX + tx
-                    kv_lo, kv_hi = c.kv_range(i0, TQ, off, SKV)
-                    load_q(Qs, DP, Q, tmp, tid, b, h, i0, SQ, TQ)
-                    for a in T.unroll(RQ):
-                        m[a] = T.float32(NEG_LARGE)
-                        l[a] = T.float32(0)
-                        for e in T.unroll(NC):
-                            acc[a * NC + e] = T.float32(0)
-                    for kt in T.serial((T.max(kv_hi - kv_lo, T.int64(0)) + TK - 1) // TK):
-                        j0 = kv_lo + kt * TK
-                        load_k(Ks, DP, K, tmp, tid, b, hk, j0, SKV, TK)
-                        load_v(Vs, V, tmp, tid, b, hk, j0, SKV, TK)
-                        T.tvm_storage_sync("shared")
-                        # scores: RQ rows x RK keys per thread
-                        for u in T.unroll(RQ * RK):
-                            s[u] = T.float32(0)
-                        for d in T.serial(D):
-                            for a in T.unroll(RQ):
-                                qv[a] = T.Cast("float32", Qs[(ty * RQ + a) * DP + d])
-                            for k in T.unroll(RK):
-                                kv[k] = T.Cast("float32", Ks[(tx + TX * k) * DP + d])
-                            for a in T.unroll(RQ):
-                                for k in T.unroll(RK):
-                                    s[a * RK + k] = s[a * RK + k] + qv[a] * kv[k]
-                        # online softmax over the tile
+                    if bx < B * H * _ceil_div(SQ, TQ):  # an empty launch (Sq or B = 0) is refused by CUDA
+                        Qs = T.decl_buffer((TQ * DP,), dtype, scope="shared")  # row stride DP
+                        Ks = T.decl_buffer((TK * DP,), dtype, scope="shared")
+                        Vs = T.decl_buffer((TK, DV), dtype, scope="shared")
+                        Ps = T.decl_buffer((TQ * PP,), "float32", scope="shared")  # row stride PP
+                        tmp = T.decl_buffer((VEC,), dtype, scope="local")
+                        s = T.decl_buffer((RQ * RK,), "float32", scope="local")
+                        acc = T.decl_buffer((RQ * NC,), "float32", scope="local")
+                        m = T.decl_buffer((RQ,), "float32", scope="local")
+                        l = T.decl_buffer((RQ,), "float32", scope="local")
+                        qv = T.decl_buffer((RQ,), "float32", scope="local")
+                        kv = T.decl_buffer((RK,), "float32", scope="local")
+                        vv = T.decl_buffer((NC,), "float32", scope="local")
+                        red = T.decl_buffer((1,), "float32", scope="local")
+                        bh = bx // _ceil_div(SQ, TQ)
+                        b = bh // H
+                        h = bh % H
+                        hk = h // G
+                        qt = (_ceil_div(SQ, TQ) - 1 - bx % _ceil_div(SQ, TQ)) if reverse else bx % _ceil_div(SQ, TQ)
+                        i0 = qt * TQ
+                        off = SKV - SQ
+                        tid = ty * TX + tx
+                        kv_lo, kv_hi = c.kv_range(i0, TQ, off, SKV)
+                        load_q(Qs, DP, Q, tmp, tid, b, h, i0, SQ, TQ)
                         for a in T.unroll(RQ):
-                            i = i0 + ty * RQ + a
-                            red[0] = T.float32(NEG_LARGE)
-                            for k in T.unroll(RK):
-                                j = j0 + tx + TX * k
-                                s[a * RK + k] = T.Select(
-                                    c.key_visible(j, i + off, SKV),
-                                    s[a * RK + k] * T.float32(scale)
-                                    + c.bias_term(Bias, b, h, T.min(i, SQ - 1), T.min(j, SKV - 1)),
-                                    T.float32(-math.inf))
-                                red[0] = T.max(red[0], s[a * RK + k])
-                            for o in T.unroll(LOG_TX):
-                                red[0] = T.max(red[0], c.shfl_xor(red[0], 1 << o))
-                            red[0] = T.max(red[0], m[a])  # the new running maximum
-                            alpha = T.exp(m[a] - red[0])
-                            m[a] = red[0]
-                            l[a] = l[a] * alpha
+                            m[a] = T.float32(NEG_LARGE)
+                            l[a] = T.float32(0)
                             for e in T.unroll(NC):
-                                acc[a * NC + e] = acc[a * NC + e] * alpha
-                            for k in T.unroll(RK):
-                                s[a * RK + k] = T.exp(s[a * RK + k] - m[a])
-                                l[a] = l[a] + s[a * RK + k]
-                                Ps[(ty * RQ + a) * PP + tx + TX * k] = s[a * RK + k]
-                        T.tvm_storage_sync("shared")
-                        # acc += P @ V
-                        for jj in T.serial(TK):
-                            for e in T.unroll(NC):
-                                vv[e] = T.Cast("float32", Vs[jj, T.min(tx + TX * e, DV - 1)])
+                                acc[a * NC + e] = T.float32(0)
+                        for kt in T.serial((T.max(kv_hi - kv_lo, T.int64(0)) + TK - 1) // TK):
+                            j0 = kv_lo + kt * TK
+                            load_k(Ks, DP, K, tmp, tid, b, hk, j0, SKV, TK)
+                            load_v(Vs, V, tmp, tid, b, hk, j0, SKV, TK)
+                            T.tvm_storage_sync("shared")
+                            # scores: RQ rows x RK keys per thread
+                            for u in T.unroll(RQ * RK):
+                                s[u] = T.float32(0)
+                            for d in T.serial(D):
+                                for a in T.unroll(RQ):
+                                    qv[a] = T.Cast("float32", Qs[(ty * RQ + a) * DP + d])
+                                for k in T.unroll(RK):
+                                    kv[k] = T.Cast("float32", Ks[(tx + TX * k) * DP + d])
+                                for a in T.unroll(RQ):
+                                    for k in T.unroll(RK):
+                                        s[a * RK + k] = s[a * RK + k] + qv[a] * kv[k]
+                            # online softmax over the tile
                             for a in T.unroll(RQ):
+                                i = i0 + ty * RQ + a
+                                red[0] = T.float32(NEG_LARGE)
+                                for k in T.unroll(RK):
+                                    j = j0 + tx + TX * k
+                                    s[a * RK + k] = T.Select(
+                                        c.key_visible(j, i + off, SKV),
+                                        s[a * RK + k] * T.float32(scale)
+                                        + c.bias_term(Bias, b, h, T.min(i, SQ - 1), T.min(j, SKV - 1)),
+                                        T.float32(-math.inf))
+                                    red[0] = T.max(red[0], s[a * RK + k])
+                                for o in T.unroll(LOG_TX):
+                                    red[0] = T.max(red[0], c.shfl_xor(red[0], 1 << o))
+                                red[0] = T.max(red[0], m[a])  # the new running maximum
+                                alpha = T.exp(m[a] - red[0])
+                                m[a] = red[0]
+                                l[a] = l[a] * alpha
                                 for e in T.unroll(NC):
-                                    acc[a * NC + e] = acc[a * NC + e] + Ps[(ty * RQ + a) * PP + jj] * vv[e]
-                        T.tvm_storage_sync("shared")
-                    for a in T.unroll(RQ):
-                        red[0] = l[a]
-                        for o in T.unroll(LOG_TX):
-                            red[0] = red[0] + c.shfl_xor(red[0], 1 << o)
-                        if i0 + ty * RQ + a < SQ:
-                            for e in T.unroll(NC):
-                                if tx + TX * e < DV:
-                                    O[_axes_index(ol, b, h, i0 + ty * RQ + a, tx + TX * e)] = T.Cast(
-                                        dtype,
-                                        T.Select(red[0] > T.float32(0), acc[a * NC + e] / red[0], T.float32(0)))
+                                    acc[a * NC + e] = acc[a * NC + e] * alpha
+                                for k in T.unroll(RK):
+                                    s[a * RK + k] = T.exp(s[a * RK + k] - m[a])
+                                    l[a] = l[a] + s[a * RK + k]
+                                    Ps[(ty * RQ + a) * PP + tx + TX * k] = s[a * RK + k]
+                            T.tvm_storage_sync("shared")
+                            # acc += P @ V
+                            for jj in T.serial(TK):
+                                for e in T.unroll(NC):
+                                    vv[e] = T.Cast("float32", Vs[jj, T.min(tx + TX * e, DV - 1)])
+                                for a in T.unroll(RQ):
+                                    for e in T.unroll(NC):
+                                        acc[a * NC + e] = acc[a * NC + e] + Ps[(ty * RQ + a) * PP + jj] * vv[e]
+                            T.tvm_storage_sync("shared")
+                        for a in T.unroll(RQ):
+                            red[0] = l[a]
+                            for o in T.unroll(LOG_TX):
+                                red[0] = red[0] + c.shfl_xor(red[0], 1 << o)
+                            if i0 + ty * RQ + a < SQ:
+                                for e in T.unroll(NC):
+                                    if tx + TX * e < DV:
+                                        O[_axes_index(ol, b, h, i0 + ty * RQ + a, tx + TX * e)] = T.Cast(
+                                            dtype,
+                                            T.Select(red[0] > T.float32(0), acc[a * NC + e] / red[0], T.float32(0)))
 
     return _wrap(c, body)
 
@@ -478,110 +478,115 @@ def _decode_kernel(spec: AttentionSpec, t: CudaTiles):
     DPK = D + _decode_pad(spec, KG)
     _, load_k, load_v, VEC = _loaders(c, NT)
 
+    def q_scaled(Q, b, h, i, d, SQ):
+        """q[b, h, i, d] * scale in float32 (rows past Sq: the last row)."""
+        return c.tirx.Cast("float32", Q[_axes_index(ql, b, h, c.tirx.min(i, SQ - 1), d)]) * c.tirx.FloatImm(
+            "float32", scale)
+
     @T.macro
     def body(Q, K, V, Bias, O, B, SQ, SKV):
-        for bx in T.thread_binding(B * H * _ceil_div(SQ, TQ), thread="blockIdx.x"):
+        for bx in T.thread_binding(T.max(B * H * _ceil_div(SQ, TQ), T.int64(1)), thread="blockIdx.x"):
             for w in T.thread_binding(NW, thread="threadIdx.y"):
                 for lane in T.thread_binding(WARP, thread="threadIdx.x"):
-                    Qs = T.decl_buffer((TQ, D), "float32", scope="shared")
-                    Ks = T.decl_buffer((TK * DPK,), dtype, scope="shared")  # row stride DPK
-                    Vs = T.decl_buffer((TK, DV), dtype, scope="shared")
-                    Ms = T.decl_buffer((NW, TQ), "float32", scope="shared")
-                    Ls = T.decl_buffer((NW, TQ), "float32", scope="shared")
-                    Os = T.decl_buffer((NW, TQ, DV), "float32", scope="shared")
-                    tmp = T.decl_buffer((VEC,), dtype, scope="local")
-                    s = T.decl_buffer((TQ,), "float32", scope="local")
-                    pk = T.decl_buffer((TQ,), "float32", scope="local")
-                    m = T.decl_buffer((TQ,), "float32", scope="local")
-                    l = T.decl_buffer((TQ,), "float32", scope="local")
-                    acc = T.decl_buffer((TQ * NCD,), "float32", scope="local")
-                    red = T.decl_buffer((1,), "float32", scope="local")
-                    bh = bx // _ceil_div(SQ, TQ)
-                    b = bh // H
-                    h = bh % H
-                    hk = h // G
-                    i0 = bx % _ceil_div(SQ, TQ) * TQ
-                    off = SKV - SQ
-                    tid = w * WARP + lane
-                    kk = lane // KG  # this lane's key within the warp's RK keys
-                    kg = lane % KG
-                    jj = w * RK + kk
-                    kv_lo, kv_hi = c.kv_range(i0, TQ, off, SKV)
-                    for it in T.serial((TQ * D + NT - 1) // NT):
-                        if it * NT + tid < TQ * D:
-                            Qs[(it * NT + tid) // D, (it * NT + tid) % D] = T.Cast("float32", Q[_axes_index(
-                                ql, b, h, T.min(i0 + (it * NT + tid) // D, SQ - 1), (it * NT + tid) % D)]) * T.float32(
-                                scale)
-                    for r in T.unroll(TQ):
-                        m[r] = T.float32(NEG_LARGE)
-                        l[r] = T.float32(0)
-                        for e in T.unroll(NCD):
-                            acc[r * NCD + e] = T.float32(0)
-                    for kt in T.serial((T.max(kv_hi - kv_lo, T.int64(0)) + TK - 1) // TK):
-                        j0 = kv_lo + kt * TK
-                        load_k(Ks, DPK, K, tmp, tid, b, hk, j0, SKV, TK)
-                        load_v(Vs, V, tmp, tid, b, hk, j0, SKV, TK)
-                        T.tvm_storage_sync("shared")
+                    if bx < B * H * _ceil_div(SQ, TQ):  # an empty launch (Sq or B = 0) is refused by CUDA
+                        Qs = T.decl_buffer((TQ, D), "float32", scope="shared")
+                        Ks = T.decl_buffer((TK * DPK,), dtype, scope="shared")  # row stride DPK
+                        Vs = T.decl_buffer((TK, DV), dtype, scope="shared")
+                        Ms = T.decl_buffer((NW, TQ), "float32", scope="shared")
+                        Ls = T.decl_buffer((NW, TQ), "float32", scope="shared")
+                        Os = T.decl_buffer((NW, TQ, DV), "float32", scope="shared")
+                        tmp = T.decl_buffer((VEC,), dtype, scope="local")
+                        s = T.decl_buffer((TQ,), "float32", scope="local")
+                        pk = T.decl_buffer((TQ,), "float32", scope="local")
+                        m = T.decl_buffer((TQ,), "float32", scope="local")
+                        l = T.decl_buffer((TQ,), "float32", scope="local")
+                        acc = T.decl_buffer((TQ * NCD,), "float32", scope="local")
+                        red = T.decl_buffer((1,), "float32", scope="local")
+                        bh = bx // _ceil_div(SQ, TQ)
+                        b = bh // H
+                        h = bh % H
+                        hk = h // G
+                        i0 = bx % _ceil_div(SQ, TQ) * TQ
+                        off = SKV - SQ
+                        tid = w * WARP + lane
+                        kk = lane // KG  # this lane's key within the warp's RK keys
+                        kg = lane % KG
+                        jj = w * RK + kk
+                        kv_lo, kv_hi = c.kv_range(i0, TQ, off, SKV)
+                        for it in T.serial(_ceil_div(TQ * D, NT)):
+                            if it * NT + tid < TQ * D:
+                                Qs[(it * NT + tid) // D, (it * NT + tid) % D] = q_scaled(
+                                    Q, b, h, i0 + (it * NT + tid) // D, (it * NT + tid) % D, SQ)
                         for r in T.unroll(TQ):
-                            s[r] = T.float32(0)
-                        for u in T.serial(NTD):
-                            for r in T.unroll(TQ):
-                                s[r] = s[r] + T.Select(
-                                    kg + KG * u < D,
-                                    Qs[r, T.min(kg + KG * u, D - 1)]
-                                    * T.Cast("float32", Ks[jj * DPK + T.min(kg + KG * u, D - 1)]),
-                                    T.float32(0))
-                        for r in T.unroll(TQ):
-                            for o in T.unroll(LOG_KG):  # the dot product over the key's KG lanes
-                                s[r] = s[r] + c.shfl_xor(s[r], 1 << o)
-                            s[r] = T.Select(
-                                c.key_visible(j0 + jj, i0 + r + off, SKV),
-                                s[r] + c.bias_term(Bias, b, h, T.min(i0 + r, SQ - 1), T.min(j0 + jj, SKV - 1)),
-                                T.float32(-math.inf))
-                            red[0] = s[r]
-                            for o in T.unroll(LOG_KG, 5):  # the maximum over the warp's RK keys
-                                red[0] = T.max(red[0], c.shfl_xor(red[0], 1 << o))
-                            red[0] = T.max(red[0], m[r])
-                            alpha = T.exp(m[r] - red[0])
-                            m[r] = red[0]
-                            s[r] = T.exp(s[r] - red[0])  # p, the same on the key's KG lanes
-                            l[r] = l[r] * alpha + T.Select(kg == 0, s[r], T.float32(0))
+                            m[r] = T.float32(NEG_LARGE)
+                            l[r] = T.float32(0)
                             for e in T.unroll(NCD):
-                                acc[r * NCD + e] = acc[r * NCD + e] * alpha
-                        for k in T.unroll(RK):
+                                acc[r * NCD + e] = T.float32(0)
+                        for kt in T.serial((T.max(kv_hi - kv_lo, T.int64(0)) + TK - 1) // TK):
+                            j0 = kv_lo + kt * TK
+                            load_k(Ks, DPK, K, tmp, tid, b, hk, j0, SKV, TK)
+                            load_v(Vs, V, tmp, tid, b, hk, j0, SKV, TK)
+                            T.tvm_storage_sync("shared")
                             for r in T.unroll(TQ):
-                                pk[r] = c.shfl(s[r], k * KG)
-                            for e in T.unroll(NCD):
+                                s[r] = T.float32(0)
+                            for u in T.serial(NTD):
                                 for r in T.unroll(TQ):
-                                    acc[r * NCD + e] = acc[r * NCD + e] + pk[r] * T.Cast(
-                                        "float32", Vs[w * RK + k, T.min(lane + WARP * e, DV - 1)])
+                                    s[r] = s[r] + T.Select(
+                                        kg + KG * u < D,
+                                        Qs[r, T.min(kg + KG * u, D - 1)]
+                                        * T.Cast("float32", Ks[jj * DPK + T.min(kg + KG * u, D - 1)]),
+                                        T.float32(0))
+                            for r in T.unroll(TQ):
+                                for o in T.unroll(LOG_KG):  # the dot product over the key's KG lanes
+                                    s[r] = s[r] + c.shfl_xor(s[r], 1 << o)
+                                s[r] = T.Select(
+                                    c.key_visible(j0 + jj, i0 + r + off, SKV),
+                                    s[r] + c.bias_term(Bias, b, h, T.min(i0 + r, SQ - 1), T.min(j0 + jj, SKV - 1)),
+                                    T.float32(-math.inf))
+                                red[0] = s[r]
+                                for o in T.unroll(LOG_KG, 5):  # the maximum over the warp's RK keys
+                                    red[0] = T.max(red[0], c.shfl_xor(red[0], 1 << o))
+                                red[0] = T.max(red[0], m[r])
+                                alpha = T.exp(m[r] - red[0])
+                                m[r] = red[0]
+                                s[r] = T.exp(s[r] - red[0])  # p, the same on the key's KG lanes
+                                l[r] = l[r] * alpha + T.Select(kg == 0, s[r], T.float32(0))
+                                for e in T.unroll(NCD):
+                                    acc[r * NCD + e] = acc[r * NCD + e] * alpha
+                            for k in T.unroll(RK):
+                                for r in T.unroll(TQ):
+                                    pk[r] = c.shfl(s[r], k * KG)
+                                for e in T.unroll(NCD):
+                                    for r in T.unroll(TQ):
+                                        acc[r * NCD + e] = acc[r * NCD + e] + pk[r] * T.Cast(
+                                            "float32", Vs[w * RK + k, T.min(lane + WARP * e, DV - 1)])
+                            T.tvm_storage_sync("shared")
+                        # each warp's (m, l, acc) to shared memory, then one output element per thread
+                        for r in T.unroll(TQ):
+                            red[0] = l[r]
+                            for o in T.unroll(5):
+                                red[0] = red[0] + c.shfl_xor(red[0], 1 << o)
+                            if lane == 0:
+                                Ms[w, r] = m[r]
+                                Ls[w, r] = red[0]
+                            for e in T.unroll(NCD):
+                                if lane + WARP * e < DV:
+                                    Os[w, r, lane + WARP * e] = acc[r * NCD + e]
                         T.tvm_storage_sync("shared")
-                    # each warp's (m, l, acc) to shared memory, then one output element per thread
-                    for r in T.unroll(TQ):
-                        red[0] = l[r]
-                        for o in T.unroll(5):
-                            red[0] = red[0] + c.shfl_xor(red[0], 1 << o)
-                        if lane == 0:
-                            Ms[w, r] = m[r]
-                            Ls[w, r] = red[0]
-                        for e in T.unroll(NCD):
-                            if lane + WARP * e < DV:
-                                Os[w, r, lane + WARP * e] = acc[r * NCD + e]
-                    T.tvm_storage_sync("shared")
-                    for it in T.serial((TQ * DV + NT - 1) // NT):
-                        if it * NT + tid < TQ * DV:
-                            if i0 + (it * NT + tid) // DV < SQ:
-                                red[0] = T.float32(NEG_LARGE)
-                                for ww in T.serial(NW):
-                                    red[0] = T.max(red[0], Ms[ww, (it * NT + tid) // DV])
-                                s[0] = T.float32(0)
-                                pk[0] = T.float32(0)
-                                for ww in T.serial(NW):
-                                    s[0] = s[0] + Ls[ww, (it * NT + tid) // DV] * T.exp(
-                                        Ms[ww, (it * NT + tid) // DV] - red[0])
-                                    pk[0] = pk[0] + Os[ww, (it * NT + tid) // DV, (it * NT + tid) % DV] * T.exp(
-                                        Ms[ww, (it * NT + tid) // DV] - red[0])
-                                O[_axes_index(ol, b, h, i0 + (it * NT + tid) // DV, (it * NT + tid) % DV)] = T.Cast(
-                                    dtype, T.Select(s[0] > T.float32(0), pk[0] / s[0], T.float32(0)))
+                        for it in T.serial(_ceil_div(TQ * DV, NT)):
+                            if it * NT + tid < TQ * DV:  # noqa: SIM102 (TVMScript has no `and` of PrimExprs)
+                                if i0 + (it * NT + tid) // DV < SQ:
+                                    red[0] = T.float32(NEG_LARGE)
+                                    for ww in T.serial(NW):
+                                        red[0] = T.max(red[0], Ms[ww, (it * NT + tid) // DV])
+                                    s[0] = T.float32(0)
+                                    pk[0] = T.float32(0)
+                                    for ww in T.serial(NW):
+                                        s[0] = s[0] + Ls[ww, (it * NT + tid) // DV] * T.exp(
+                                            Ms[ww, (it * NT + tid) // DV] - red[0])
+                                        pk[0] = pk[0] + Os[ww, (it * NT + tid) // DV, (it * NT + tid) % DV] * T.exp(
+                                            Ms[ww, (it * NT + tid) // DV] - red[0])
+                                    O[_axes_index(ol, b, h, i0 + (it * NT + tid) // DV, (it * NT + tid) % DV)] = T.Cast(
+                                        dtype, T.Select(s[0] > T.float32(0), pk[0] / s[0], T.float32(0)))
 
     return _wrap(c, body)

@@ -25,16 +25,16 @@ import llmcc.cuda as lc
 
 lc.prepare_driver()
 
-import tvm  # noqa: E402
-import tvm_ffi  # noqa: E402
+import tvm
+import tvm_ffi
 
-from llmcc.kernels import flash_attention_cuda as fac  # noqa: E402
-from llmcc.kernels.flash_attention import AttentionSpec as S  # noqa: E402
-from llmcc.kernels.flash_attention import flash_attention_cpu  # noqa: E402
+from llmcc.kernels import flash_attention_cuda as fac
+from llmcc.kernels.flash_attention import AttentionSpec as S
+from llmcc.kernels.flash_attention import flash_attention_cpu
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tools"))
-import gpu_check_attention as gca  # noqa: E402
+import gpu_check_attention as gca
 
 pytestmark = pytest.mark.cuda_build
 
@@ -248,6 +248,20 @@ def test_emulated_fully_masked_rows_are_zero(emulated):
     data = gca.make_inputs(spec, 45, 20)
     out = emulated("causal_bias_bnds")(data["arrays"], data["sizes"])["O"]  # out layout bsnd
     assert np.all(out[:, :25] == 0) and np.isfinite(out).all() and np.any(out[:, 25:] != 0)
+
+
+@needs_emulator
+@pytest.mark.parametrize("name", ["causal_bias_bnds", "decode"])
+def test_emulated_empty_sequences(emulated, name):
+    """Sq = 0 launches one idle block (CUDA refuses an empty grid); Skv = 0 leaves every row without keys: 0."""
+    spec = EMULATED[name][0]
+    kernel = emulated(name)
+    if spec.q_len is None:
+        data = gca.make_inputs(spec, 0, 5)
+        assert kernel(data["arrays"], data["sizes"])["O"].size == 0
+    data = gca.make_inputs(spec, spec.q_len or 3, 0)
+    out = kernel(data["arrays"], data["sizes"])["O"]
+    assert out.size and np.all(out == 0)
 
 
 @needs_emulator
