@@ -20,7 +20,8 @@ key tile of TK keys, keys ``tx + TX*c`` (c < RK) for the scores and value column
 Only the key tiles that causality / the window leave visible to some row of the block are visited; per tile:
 
   1. all threads copy K[TK, D] and V[TK, DV] to shared memory (coalesced: along d, or along keys for a ``bnds`` k;
-     16-byte vector loads where the layout allows), Q[TQ, D] having been copied once before the loop;
+     16-byte vector loads along d when D / DV allow, which assumes 16-byte aligned tensors, as TVM allocates them),
+     Q[TQ, D] having been copied once before the loop;
   2. each thread computes its RQ x RK scores from shared memory (fp32 FMAs), scales, adds the bias, masks, reduces
      the tile's row maximum over its TX lanes with warp shuffles (xor butterfly), updates ``m``, rescales its
      ``acc`` and its partial ``l`` by ``exp(m_old - m_new)`` and writes ``p = exp(s - m_new)`` to shared memory;
