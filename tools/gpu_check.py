@@ -6,6 +6,8 @@ seconds (default 420) so the whole run ends well under 8 minutes.
     python tools/gpu_check.py                    # on a GPU machine: target = the GPU's arch
     python tools/gpu_check.py --dry-run          # no GPU: same flow on the CPU (what the tests run)
     python tools/gpu_check.py --out DIR          # also write DIR/gpu_check.json and DIR/gpu_check.md
+    python tools/gpu_check.py --attention        # also check the CUDA flash-attention kernel on its own
+                                                 # (tools/gpu_check_attention.py; --dry-run: in the CPU emulator)
 
 Numbers it prints are only as good as the machine it ran on: record the command and the machine with them.
 """
@@ -21,6 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
 
 TOLERANCE = 1e-4  # fp32 on GPU: TF32 is off in TVM's kernels, but reduction order differs from torch
 
@@ -77,6 +80,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--budget", type=float, default=420.0, help="seconds after which no new model starts")
     parser.add_argument("--out", help="folder for gpu_check.json / gpu_check.md")
+    parser.add_argument("--attention", action="store_true",
+                        help="also check the CUDA flash-attention kernel against its numpy reference")
     args = parser.parse_args(argv)
 
     import torch
@@ -116,13 +121,24 @@ def main(argv=None) -> int:
         else:
             table.append(f"| {r['model']} | - | - | - | - | - | {r.get('error') or r.get('skipped')} | False |")
     text = "\n".join(table) + f"\n\ntarget {target}; total {time.perf_counter() - start:.0f}s\n"
+    attention_rows = []
+    if args.attention:
+        import gpu_check_attention as gca
+
+        arch = "sm_80" if args.dry_run else target.split(":", 1)[1]
+        attention_rows = gca.run_checks(arch, specs=["decode", "dense_f32_d32"] if args.dry_run else None,
+                                        sizes=gca.EMULATED_SIZES if args.dry_run else gca.SIZES,
+                                        emulate=args.dry_run, log=lambda line: print(line, flush=True))
+        text += "\nCUDA flash attention vs numpy reference" + (" (emulated on the CPU)" if args.dry_run else "") \
+            + ":\n\n" + gca.format_table(attention_rows, arch)
     print(text)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "gpu_check.json").write_text(json.dumps({"target": target, "rows": rows}, indent=1))
+        (out / "gpu_check.json").write_text(json.dumps({"target": target, "rows": rows,
+                                                        "attention_rows": attention_rows}, indent=1))
         (out / "gpu_check.md").write_text(text)
-    return 0 if all(r.get("passed") for r in rows) else 1
+    return 0 if all(r.get("passed") for r in rows + attention_rows) else 1
 
 
 if __name__ == "__main__":
