@@ -2,7 +2,8 @@
 
 Sections: ``AttentionSpec`` (what the fused op carries: kind, layouts, heads, scale, window, bias), the numpy
 reference ``attention_reference``, the CPU kernel ``flash_attention_cpu`` with its tile config, and
-``flash_attention_prim_func`` (the validating wrapper the fuse_attention pass calls; it picks the target's kernel).
+``flash_attention_kernel`` (the validating wrapper the fuse_attention pass calls: it checks the spec and picks the
+target's kernel; the CUDA one is in ``flash_attention_cuda.py``).
 
 The kernel never holds the ``[Sq, Skv]`` score matrix: per (batch, head, tile of TQ query rows) it walks the keys in
 tiles of TK, keeps the running row maximum ``m``, the running denominator ``l`` and the unnormalised output ``acc``,
@@ -298,3 +299,18 @@ def flash_attention_cpu(spec: AttentionSpec, tiles: CpuTiles | None = None):
             O = T.match_buffer(o_h, _axes_index(ol, B, H, SQ, DV), dtype)
             body(Q, K, V, None, O, B, SQ, SKV)
     return flash_attention
+
+
+# ----------------------------------------------------------------------------------------- wrapper
+
+
+def flash_attention_kernel(spec: AttentionSpec, target) -> tuple[str, object]:
+    """(kernel name, PrimFunc) of ``spec`` for a TargetSpec; a spec the kernels cannot take raises ValueError."""
+    why = spec.check()
+    if why:
+        raise ValueError(f"attention spec {spec.kind}: {why}")
+    if target is not None and target.is_gpu:
+        from llmcc.kernels.flash_attention_cuda import flash_attention_cuda
+
+        return "flash_attention_cuda", flash_attention_cuda(spec, target.arch)
+    return "flash_attention_cpu", flash_attention_cpu(spec)

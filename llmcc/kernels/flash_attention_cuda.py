@@ -321,7 +321,7 @@ def _wrap(c: _Ctx, body):
     if spec.bias is not None:
         @T.prim_func(private=True)
         def flash_attention(q_h: T.handle, k_h: T.handle, v_h: T.handle, bias_h: T.handle, o_h: T.handle):
-            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
             B, SQ, SKV = T.int64(), T.int64(), T.int64()
             BB, BH, BQ = T.int64(), T.int64(), T.int64()
             Q = T.match_buffer(q_h, _axes_index(ql, B, H, SQ, D), dtype)
@@ -333,7 +333,7 @@ def _wrap(c: _Ctx, body):
     else:
         @T.prim_func(private=True)
         def flash_attention(q_h: T.handle, k_h: T.handle, v_h: T.handle, o_h: T.handle):
-            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
             B, SQ, SKV = T.int64(), T.int64(), T.int64()
             Q = T.match_buffer(q_h, _axes_index(ql, B, H, SQ, D), dtype)
             K = T.match_buffer(k_h, _axes_index(kl, B, HKV, SKV, D), dtype)

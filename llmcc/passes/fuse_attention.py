@@ -22,8 +22,8 @@ Guards (a site that fails one stays as it is, with the reason recorded):
   - the NaN guard, when present, writes 0.0 (dropping it is exact: HF's mask is finite, so softmax gives no NaN);
   - the scores, probabilities and value-matmul output have no user outside the site (attention weights returned
     as an output keep the site unfused);
-  - not block-sparse (BigBird gathers query/key blocks with its own code);
-  - a kernel exists for the target (CUDA sites stay unfused until the CUDA kernel lands).
+  - not block-sparse (BigBird gathers query/key blocks with its own code).
+The kernel is the target's: ``flash_attention_cpu`` (LLVM) or ``flash_attention_cuda``.
 Causality and the window are read from the ops that build the mask (compares of position ranges, with the window as
 the constant offset) and let the kernel skip hidden tiles; the mask tensor is still added. A misread would hide keys
 the mask shows: the compiled model's check against onnxruntime fails then, loudly.
@@ -52,7 +52,7 @@ from tvm.sym.analyzer import Analyzer
 from tvm import relax
 from tvm.relax.dpl import is_const, is_op, wildcard
 
-from llmcc.kernels.flash_attention import AttentionSpec, flash_attention_cpu
+from llmcc.kernels.flash_attention import AttentionSpec, flash_attention_kernel
 from llmcc.passes import LlmccPass
 
 _Const = tvm.ir.GenericConst  # TVM 0.27: relax constants are tvm.ir.GenericConst(.value, .ty)
@@ -433,7 +433,8 @@ class _SiteRewriter(relax.PyExprMutator):
             return
         spec = site.spec
         if spec not in self.kernels:
-            self.kernels[spec] = self.builder_.add_func(self.kernel_for(spec), f"flash_attention_{spec.kind}")
+            self.kernels[spec] = self.builder_.add_func(self.kernel_for(spec),
+                                                          "flash_attention_" + spec.kind.replace("+", "_"))
         args = [self.visit_expr(site.operands[n][0]) for n in ("q", "k", "v")]
         bias = site.m.get("mask")
         if bias is not None:
@@ -457,11 +458,11 @@ class FuseAttention(LlmccPass):
         self.target = target
         self.sites: list[dict] = []
 
-    def _kernel_name(self) -> str | None:
-        return None if self.target is not None and self.target.is_gpu else "flash_attention_cpu"
+    def _kernel_name(self) -> str:
+        return "flash_attention_cuda" if self.target is not None and self.target.is_gpu else "flash_attention_cpu"
 
     def _kernel_for(self, spec: AttentionSpec):
-        return flash_attention_cpu(spec)
+        return flash_attention_kernel(spec, self.target)[1]
 
     def transform(self, mod):
         self.sites = []
@@ -503,8 +504,6 @@ class FuseAttention(LlmccPass):
                 self._record(fname, probs_var, kind, False, reason)
                 continue
             reason = _check(site, var2val, consumers, outputs, params)
-            if not reason and self._kernel_name() is None:
-                reason = f"no flash attention kernel for target {self.target.name} yet: left unfused"
             self._record(fname, probs_var, site.kind, not reason, reason)
             if not reason:
                 plans[site.root_var] = site

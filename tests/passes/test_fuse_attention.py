@@ -92,10 +92,12 @@ def test_probabilities_used_elsewhere_do_not_fuse():
     tvm.ir.assert_structural_equal(after, before)
 
 
-def test_cuda_sites_are_reported_until_the_cuda_kernel_exists():
+def test_cuda_target_gets_the_cuda_kernel():
     p = FuseAttention(llmcc.targets.resolve("cuda:sm_80"))
-    p(_sdpa_module())
-    assert p.rewrites == 0 and not p.sites[0]["fused"] and "cuda:sm_80" in p.sites[0]["reason"]
+    after = p(_sdpa_module())
+    assert p.rewrites == 1 and p.sites[0]["kernel"] == "flash_attention_cuda"
+    kernel = next(f for gv, f in after.functions.items() if gv.name_hint.startswith("flash_attention"))
+    assert "threadIdx.x" in kernel.script()
 
 
 @pytest.mark.parametrize("case, module", [
