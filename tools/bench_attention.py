@@ -5,8 +5,8 @@ Three parts, written to bench/attention.json and bench/attention.md:
 
 1. Attention block, seq 512 and 2048: q, k, v [1, 4, S, 32] and an additive mask [1, 1, S, S] (an input, as a model
    with an attention_mask computes it), through llmcc's pipeline with and without the fuse_attention pass. Time
-   (alternating rounds, fastest median kept) and the peak memory one call adds (VmHWM after the call minus the
-   resident size before it, measured in a fresh process per variant; the inputs are allocated before).
+   (alternating rounds, fastest median kept) and the peak memory the first call adds (VmHWM after it minus the
+   resident size before it, in a fresh process per variant, inputs already allocated).
 2. Zoo models end to end (llama, prefill 128 and 512 tokens; llama-decode, past 128): `llmcc.compile` with and
    without attention fusion.
 3. Sites per zoo model: how many attention sites each has, how many were fused, and the kinds.
@@ -78,12 +78,10 @@ def _block_inputs(seq: int):
 
 
 def _peak_child(fused: bool, seq: int) -> None:
-    """Run in a fresh process: print the bytes one call adds to the peak resident size."""
+    """Run in a fresh process: print the bytes the first call adds to the peak resident size (the VM's allocator
+    pools memory process-wide, so only a first call shows what the module needs)."""
     fn, _ = _build_block(fused)
     args = _block_inputs(seq)
-    fn(*args)  # first call: the VM's allocator pools whatever it needs
-    del fn
-    fn, _ = _build_block(fused)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current resident size
     before = _status_kb("VmRSS")
@@ -190,8 +188,8 @@ def markdown(result: dict) -> str:
     meta = result["meta"]
     out = ["# Attention: fused flash kernel vs the exported ops (CPU)", "",
            f"`python tools/bench_attention.py` on {meta['cpu']}, {meta['threads']} threads; fastest of "
-           f"{meta['rounds']} alternating rounds (median of each). Peak: what one call adds to the process's peak "
-           f"resident memory (fresh process per variant).", "",
+           f"{meta['rounds']} alternating rounds (median of each). Peak: what the first call adds to the process's "
+           f"peak resident memory (fresh process per variant, inputs allocated before).", "",
            "## Attention block (q, k, v [1, 4, S, 32], mask [1, 1, S, S] as an input)", "",
            "| seq | fused ms | unfused ms | speedup | fused peak MB | unfused peak MB | one fp32 score matrix MB "
            "| max rel diff |", "|---|---|---|---|---|---|---|---|"]
