@@ -76,9 +76,29 @@ def _print_summary(report: dict, path) -> None:
         print(_quant_summary(report["quant"]))
     for line in _lora_lines(report):
         print(f"LoRA: {line}")
+    for line in _attention_lines(report):
+        print(f"attention: {line}")
     if "cuda_binary" in report:
         cb = report["cuda_binary"]
         print(f"CUDA binary: SASS {cb.get('sass_archs')}, PTX {cb.get('ptx_archs')}")
+
+
+def _attention_lines(report: dict) -> list[str]:
+    """One line per kind: how many sites were fused into which kernel, and why the others were not."""
+    by_kind: dict = {}
+    for site in report.get("attention", []):
+        by_kind.setdefault(site["kind"], []).append(site)
+    lines = []
+    for kind, sites in by_kind.items():
+        fused = [s for s in sites if s["fused"]]
+        line = f"{kind}: {len(fused)} of {len(sites)} sites fused"
+        if fused:
+            line += f" ({fused[0]['kernel']})"
+        reasons = sorted({s["reason"] for s in sites if not s["fused"]})
+        if reasons:
+            line += "; not fused: " + "; ".join(reasons)
+        lines.append(line)
+    return lines
 
 
 def _lora_lines(report: dict) -> list[str]:

@@ -81,3 +81,19 @@ def test_wrong_run_input_is_one_line(tiny_artifact, tmp_path):
     r = run_cli("run", tiny_artifact, "--input", f"input_ids={tmp_path / 'ids.npy'}", "--random")
     assert r.returncode == 2
     assert r.stderr.strip() == "llmcc: error: input 'input_ids': dtype int32, the model takes int64"
+
+
+def test_compile_says_what_attention_fusion_did(tmp_path):
+    """The summary names each attention kind, how many sites fused and into which kernel; --no-fuse-attention keeps
+    the exported ops (no sites in the report)."""
+    from llmcc import zoo
+
+    path = zoo.onnx_path("llama")
+    r = run_cli("compile", path, "-o", tmp_path / "f.llmcc")
+    assert r.returncode == 0, r.stderr
+    assert "attention: causal: 2 of 2 sites fused (flash_attention_cpu)" in r.stdout, r.stdout
+    r = run_cli("compile", path, "-o", tmp_path / "u.llmcc", "--no-fuse-attention")
+    assert r.returncode == 0, r.stderr
+    assert "attention:" not in r.stdout and "verify: PASSED" in r.stdout
+    report = json.loads(run_cli("inspect", tmp_path / "u.llmcc", "--json").stdout)
+    assert report["attention"] == [] and not any(k["name"].startswith("flash_attention") for k in report["kernels"])

@@ -60,7 +60,7 @@ def make_inputs(spec, sq: int, skv: int, batch: int = BATCH, seed: int = 0) -> d
     """Random q / k / v (and bias) in the spec's dtype and layouts, plus the symbolic sizes, as numpy arrays."""
     import numpy as np
 
-    from llmcc.kernels.flash_attention import _axes_index
+    from llmcc.kernels.flash_attention import axes_index
 
     rng = np.random.default_rng(seed)
     dtype = _np_dtype(spec.dtype)
@@ -69,9 +69,9 @@ def make_inputs(spec, sq: int, skv: int, batch: int = BATCH, seed: int = 0) -> d
         return (rng.standard_normal(shape) * scale).astype(np.float32).astype(dtype)
 
     arrays = {
-        "Q": rand(_axes_index(spec.q_layout, batch, spec.num_heads, sq, spec.head_dim)),
-        "K": rand(_axes_index(spec.k_layout, batch, spec.num_kv_heads, skv, spec.head_dim)),
-        "V": rand(_axes_index(spec.v_layout, batch, spec.num_kv_heads, skv, spec.value_dim)),
+        "Q": rand(axes_index(spec.q_layout, batch, spec.num_heads, sq, spec.head_dim)),
+        "K": rand(axes_index(spec.k_layout, batch, spec.num_kv_heads, skv, spec.head_dim)),
+        "V": rand(axes_index(spec.v_layout, batch, spec.num_kv_heads, skv, spec.value_dim)),
     }
     sizes = {"B": batch, "SQ": sq, "SKV": skv}
     if spec.bias is not None:
@@ -79,7 +79,7 @@ def make_inputs(spec, sq: int, skv: int, batch: int = BATCH, seed: int = 0) -> d
         shape = (1 if bb else batch, 1 if bh else spec.num_heads, 1 if bq else sq, skv)
         arrays["Bias"] = rand(shape, 2.0)
         sizes.update(BB=shape[0], BH=shape[1], BQ=shape[2])
-    out_shape = _axes_index(spec.out_layout, batch, spec.num_heads, sq, spec.value_dim)
+    out_shape = axes_index(spec.out_layout, batch, spec.num_heads, sq, spec.value_dim)
     arrays["O"] = np.full(out_shape, np.nan, dtype)
     return {"arrays": arrays, "sizes": sizes}
 

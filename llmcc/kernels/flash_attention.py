@@ -145,7 +145,7 @@ def cpu_tiles(spec: AttentionSpec) -> CpuTiles:
     return CpuTiles(tq=32, tk=32, rows=rows)
 
 
-def _axes_index(layout: str, b, n, s, d):
+def axes_index(layout: str, b, n, s, d):
     """(b, n, s, d) in ``layout``'s memory order."""
     where = {"b": b, "n": n, "s": s, "d": d}
     return tuple(where[c] for c in layout)
@@ -176,6 +176,7 @@ def flash_attention_cpu(spec: AttentionSpec, tiles: CpuTiles | None = None):
 
     tiles = tiles or cpu_tiles(spec)
     TQ, TK, RB = tiles.tq, tiles.tk, tiles.rows
+    LANES = 8  # float32 lanes of an AVX2 register; TK is a multiple of it
     H, HKV, D, DV, G = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.value_dim, spec.groups
     dtype, acc_t = spec.dtype, "float32"
     scale = float(spec.scale)
@@ -185,7 +186,7 @@ def flash_attention_cpu(spec: AttentionSpec, tiles: CpuTiles | None = None):
     k_shape_layout = "bnds" if kl == "bnds" else kl
 
     def k_load(K, b, n, s, d):
-        return K[_axes_index(k_shape_layout, b, n, s, d)]
+        return K[axes_index(k_shape_layout, b, n, s, d)]
 
     def bias_term(Bias, b, h, i, j):
         if Bias is None:
@@ -225,8 +226,9 @@ def flash_attention_cpu(spec: AttentionSpec, tiles: CpuTiles | None = None):
             m_new = T.decl_buffer((1,), acc_t)
             alpha = T.decl_buffer((1,), acc_t)
             row_sum = T.decl_buffer((1,), acc_t)
+            lane = T.decl_buffer((LANES,), acc_t)
             for i, d in T.grid(TQ, D):
-                q_t[i, d] = T.Cast(acc_t, Q[_axes_index(ql, b, h, T.min(i0 + i, SQ - 1), d)]) * T.float32(scale)
+                q_t[i, d] = T.Cast(acc_t, Q[axes_index(ql, b, h, T.min(i0 + i, SQ - 1), d)]) * T.float32(scale)
             for i in T.serial(TQ):
                 m[i] = T.float32(NEG_LARGE)
                 l[i] = T.float32(0)
@@ -251,16 +253,27 @@ def flash_attention_cpu(spec: AttentionSpec, tiles: CpuTiles | None = None):
                             key_visible(j0 + jj, i0 + i + off, kv_hi),
                             s_t[i, jj] + bias_term(Bias, b, h, T.min(i0 + i, SQ - 1), T.min(j0 + jj, SKV - 1)),
                             T.float32(-math.inf))
+                    # row max and sum in LANES-wide vectors first: a scalar chain over TK keys costs more than the
+                    # row's share of both matmuls (4-cycle latency per step)
+                    for ln in T.vectorized(LANES):
+                        lane[ln] = s_t[i, ln]
+                    for c in T.serial(1, TK // LANES):
+                        for ln in T.vectorized(LANES):
+                            lane[ln] = T.max(lane[ln], s_t[i, c * LANES + ln])
                     m_new[0] = m[i]
-                    for jj in T.serial(TK):
-                        m_new[0] = T.max(m_new[0], s_t[i, jj])
+                    for ln in T.serial(LANES):
+                        m_new[0] = T.max(m_new[0], lane[ln])
                     alpha[0] = fast_exp(m[i] - m_new[0])
                     m[i] = m_new[0]
-                    for jj in T.vectorized(TK):
-                        s_t[i, jj] = fast_exp(s_t[i, jj] - m_new[0])
+                    for ln in T.vectorized(LANES):
+                        lane[ln] = T.float32(0)
+                    for c in T.serial(TK // LANES):
+                        for ln in T.vectorized(LANES):
+                            s_t[i, c * LANES + ln] = fast_exp(s_t[i, c * LANES + ln] - m_new[0])
+                            lane[ln] = lane[ln] + s_t[i, c * LANES + ln]
                     row_sum[0] = T.float32(0)
-                    for jj in T.serial(TK):
-                        row_sum[0] = row_sum[0] + s_t[i, jj]
+                    for ln in T.serial(LANES):
+                        row_sum[0] = row_sum[0] + lane[ln]
                     l[i] = l[i] * alpha[0] + row_sum[0]
                     for e in T.vectorized(DV):
                         acc[i, e] = acc[i, e] * alpha[0]
@@ -269,11 +282,11 @@ def flash_attention_cpu(spec: AttentionSpec, tiles: CpuTiles | None = None):
                         for ii in T.unroll(RB):
                             for e in T.vectorized(DV):
                                 acc[io * RB + ii, e] = acc[io * RB + ii, e] + s_t[io * RB + ii, jj] * T.Cast(
-                                    acc_t, V[_axes_index(vl, b, h // G, T.min(j0 + jj, SKV - 1), e)])
+                                    acc_t, V[axes_index(vl, b, h // G, T.min(j0 + jj, SKV - 1), e)])
             for i in T.serial(TQ):
                 if i0 + i < SQ:
                     for e in T.serial(DV):
-                        O[_axes_index(ol, b, h, i0 + i, e)] = T.Cast(
+                        O[axes_index(ol, b, h, i0 + i, e)] = T.Cast(
                             dtype, T.Select(l[i] > T.float32(0), acc[i, e] / l[i], T.float32(0)))
 
     if spec.bias is not None:
@@ -282,21 +295,21 @@ def flash_attention_cpu(spec: AttentionSpec, tiles: CpuTiles | None = None):
             T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
             B, SQ, SKV = T.int64(), T.int64(), T.int64()
             BB, BH, BQ = T.int64(), T.int64(), T.int64()
-            Q = T.match_buffer(q_h, _axes_index(ql, B, H, SQ, D), dtype)
-            K = T.match_buffer(k_h, _axes_index(k_shape_layout, B, HKV, SKV, D), dtype)
-            V = T.match_buffer(v_h, _axes_index(vl, B, HKV, SKV, DV), dtype)
+            Q = T.match_buffer(q_h, axes_index(ql, B, H, SQ, D), dtype)
+            K = T.match_buffer(k_h, axes_index(k_shape_layout, B, HKV, SKV, D), dtype)
+            V = T.match_buffer(v_h, axes_index(vl, B, HKV, SKV, DV), dtype)
             Bias = T.match_buffer(bias_h, (BB, BH, BQ, SKV), dtype)
-            O = T.match_buffer(o_h, _axes_index(ol, B, H, SQ, DV), dtype)
+            O = T.match_buffer(o_h, axes_index(ol, B, H, SQ, DV), dtype)
             body(Q, K, V, Bias, O, B, SQ, SKV)
     else:
         @T.prim_func(private=True)
         def flash_attention(q_h: T.handle, k_h: T.handle, v_h: T.handle, o_h: T.handle):
             T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
             B, SQ, SKV = T.int64(), T.int64(), T.int64()
-            Q = T.match_buffer(q_h, _axes_index(ql, B, H, SQ, D), dtype)
-            K = T.match_buffer(k_h, _axes_index(k_shape_layout, B, HKV, SKV, D), dtype)
-            V = T.match_buffer(v_h, _axes_index(vl, B, HKV, SKV, DV), dtype)
-            O = T.match_buffer(o_h, _axes_index(ol, B, H, SQ, DV), dtype)
+            Q = T.match_buffer(q_h, axes_index(ql, B, H, SQ, D), dtype)
+            K = T.match_buffer(k_h, axes_index(k_shape_layout, B, HKV, SKV, D), dtype)
+            V = T.match_buffer(v_h, axes_index(vl, B, HKV, SKV, DV), dtype)
+            O = T.match_buffer(o_h, axes_index(ol, B, H, SQ, DV), dtype)
             body(Q, K, V, None, O, B, SQ, SKV)
     return flash_attention
 

@@ -56,7 +56,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
-from llmcc.kernels.flash_attention import NEG_LARGE, AttentionSpec, _axes_index
+from llmcc.kernels.flash_attention import NEG_LARGE, AttentionSpec, axes_index
 
 __all__ = ["ARCHS", "SMEM_LIMIT", "CudaTiles", "cuda_tiles", "flash_attention_cuda", "shared_memory_bytes"]
 
@@ -274,7 +274,7 @@ def _loaders(c: _Ctx, nt: int):
         for it in T.unroll(iters(TQ * nq)):
             if it * nt + tid < TQ * nq:
                 for v in T.vectorized(vq):
-                    tmp[v] = Q[_axes_index(ql, b, h, T.min(i0 + (it * nt + tid) // nq, SQ - 1),
+                    tmp[v] = Q[axes_index(ql, b, h, T.min(i0 + (it * nt + tid) // nq, SQ - 1),
                                            (it * nt + tid) % nq * vq + v)]
                 for v in T.unroll(vq):
                     Qs[(it * nt + tid) // nq * stride + (it * nt + tid) % nq * vq + v] = tmp[v]
@@ -285,7 +285,7 @@ def _loaders(c: _Ctx, nt: int):
         for it in T.unroll(iters(TK * nq)):
             if it * nt + tid < TK * nq:
                 for v in T.vectorized(vq):
-                    tmp[v] = K[_axes_index(c.kl, b, hk, T.min(j0 + (it * nt + tid) // nq, SKV - 1),
+                    tmp[v] = K[axes_index(c.kl, b, hk, T.min(j0 + (it * nt + tid) // nq, SKV - 1),
                                            (it * nt + tid) % nq * vq + v)]
                 for v in T.unroll(vq):
                     Ks[(it * nt + tid) // nq * stride + (it * nt + tid) % nq * vq + v] = tmp[v]
@@ -303,7 +303,7 @@ def _loaders(c: _Ctx, nt: int):
         for it in T.unroll(iters(TK * nv)):
             if it * nt + tid < TK * nv:
                 for v in T.vectorized(vv):
-                    Vs[(it * nt + tid) // nv, (it * nt + tid) % nv * vv + v] = V[_axes_index(
+                    Vs[(it * nt + tid) // nv, (it * nt + tid) % nv * vv + v] = V[axes_index(
                         vl, b, hk, T.min(j0 + (it * nt + tid) // nv, SKV - 1), (it * nt + tid) % nv * vv + v)]
 
     load_k = load_k_cols if c.kl == "bnds" else load_k_rows
@@ -324,21 +324,21 @@ def _wrap(c: _Ctx, body):
             T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
             B, SQ, SKV = T.int64(), T.int64(), T.int64()
             BB, BH, BQ = T.int64(), T.int64(), T.int64()
-            Q = T.match_buffer(q_h, _axes_index(ql, B, H, SQ, D), dtype)
-            K = T.match_buffer(k_h, _axes_index(kl, B, HKV, SKV, D), dtype)
-            V = T.match_buffer(v_h, _axes_index(vl, B, HKV, SKV, DV), dtype)
+            Q = T.match_buffer(q_h, axes_index(ql, B, H, SQ, D), dtype)
+            K = T.match_buffer(k_h, axes_index(kl, B, HKV, SKV, D), dtype)
+            V = T.match_buffer(v_h, axes_index(vl, B, HKV, SKV, DV), dtype)
             Bias = T.match_buffer(bias_h, (BB, BH, BQ, SKV), dtype)
-            O = T.match_buffer(o_h, _axes_index(ol, B, H, SQ, DV), dtype)
+            O = T.match_buffer(o_h, axes_index(ol, B, H, SQ, DV), dtype)
             body(Q, K, V, Bias, O, B, SQ, SKV)
     else:
         @T.prim_func(private=True)
         def flash_attention(q_h: T.handle, k_h: T.handle, v_h: T.handle, o_h: T.handle):
             T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
             B, SQ, SKV = T.int64(), T.int64(), T.int64()
-            Q = T.match_buffer(q_h, _axes_index(ql, B, H, SQ, D), dtype)
-            K = T.match_buffer(k_h, _axes_index(kl, B, HKV, SKV, D), dtype)
-            V = T.match_buffer(v_h, _axes_index(vl, B, HKV, SKV, DV), dtype)
-            O = T.match_buffer(o_h, _axes_index(ol, B, H, SQ, DV), dtype)
+            Q = T.match_buffer(q_h, axes_index(ql, B, H, SQ, D), dtype)
+            K = T.match_buffer(k_h, axes_index(kl, B, HKV, SKV, D), dtype)
+            V = T.match_buffer(v_h, axes_index(vl, B, HKV, SKV, DV), dtype)
+            O = T.match_buffer(o_h, axes_index(ol, B, H, SQ, DV), dtype)
             body(Q, K, V, None, O, B, SQ, SKV)
     return flash_attention
 
@@ -453,7 +453,7 @@ def _prefill_kernel(spec: AttentionSpec, t: CudaTiles):
                             if i0 + ty * RQ + a < SQ:
                                 for e in T.unroll(NC):
                                     if tx + TX * e < DV:
-                                        O[_axes_index(ol, b, h, i0 + ty * RQ + a, tx + TX * e)] = T.Cast(
+                                        O[axes_index(ol, b, h, i0 + ty * RQ + a, tx + TX * e)] = T.Cast(
                                             dtype,
                                             T.Select(red[0] > T.float32(0), acc[a * NC + e] / red[0], T.float32(0)))
 
@@ -481,7 +481,7 @@ def _decode_kernel(spec: AttentionSpec, t: CudaTiles):
 
     def q_scaled(Q, b, h, i, d, SQ):
         """q[b, h, i, d] * scale in float32 (rows past Sq: the last row)."""
-        return c.tirx.Cast("float32", Q[_axes_index(ql, b, h, c.tirx.min(i, SQ - 1), d)]) * c.tirx.FloatImm(
+        return c.tirx.Cast("float32", Q[axes_index(ql, b, h, c.tirx.min(i, SQ - 1), d)]) * c.tirx.FloatImm(
             "float32", scale)
 
     @T.macro
@@ -587,7 +587,7 @@ def _decode_kernel(spec: AttentionSpec, t: CudaTiles):
                                             Ms[ww, (it * NT + tid) // DV] - red[0])
                                         pk[0] = pk[0] + Os[ww, (it * NT + tid) // DV, (it * NT + tid) % DV] * T.exp(
                                             Ms[ww, (it * NT + tid) // DV] - red[0])
-                                    O[_axes_index(ol, b, h, i0 + (it * NT + tid) // DV, (it * NT + tid) % DV)] = T.Cast(
+                                    O[axes_index(ol, b, h, i0 + (it * NT + tid) // DV, (it * NT + tid) % DV)] = T.Cast(
                                         dtype, T.Select(s[0] > T.float32(0), pk[0] / s[0], T.float32(0)))
 
     return _wrap(c, body)
