@@ -60,3 +60,17 @@ def test_bench_lora_smoke_same_kernels_with_and_without_adapter(tmp_path):
     assert base["weights"] == merged["weights"] == folded["weights"]
     assert merged["err_vs_peft"] <= 1e-5 and folded["err_vs_peft"] <= 1e-5
     assert "| adapter merged (--lora) |" in (tmp_path / "lora.md").read_text()
+
+
+def test_bench_attention_smoke(tmp_path):
+    """Fused and unfused agree; the unfused block's first call holds score-sized buffers, the fused one does not."""
+    r = _run(ROOT / "tools" / "bench_attention.py", "--seqs", "512", "--zoo", "llama:16", "--rounds", "1",
+             "--repeat", "3", "--out", tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    data = json.loads((tmp_path / "attention.json").read_text())
+    (block,) = data["block"]
+    assert block["max_rel_diff"] <= 1e-5
+    assert block["unfused_peak_mb"] >= block["scores_mb"] > 10 * block["fused_peak_mb"]
+    sites = {row["model"]: row for row in data["sites"]}
+    assert sites["llama"]["fused"] == sites["llama"]["sites"] == 2 and sites["bigbird"]["fused"] == 0
+    assert "| 512 |" in (tmp_path / "attention.md").read_text()
