@@ -93,6 +93,31 @@ def _keep_reshape(bb, call):
     return call
 
 
+def _gelu_fast_erf(bb, call):
+    """R.nn.gelu with TVM's vectorizable erf polynomial: the op legalizes to T.erf, one libm erff call per element
+    (MiniLM's up-projection with its GELU epilogue ran 1.6x slower than the down-projection of equal FLOPs)."""
+    from tvm import topi
+
+    def gelu(x):
+        erf = topi.fast_erf(topi.multiply(x, tvm.tirx.const(0.7071067811865476, x.dtype)))
+        return topi.multiply(x, topi.add(tvm.tirx.const(0.5, x.dtype),
+                                         topi.multiply(erf, tvm.tirx.const(0.5, x.dtype))))
+
+    x = call.args[0]
+    if x.ty.dtype != "float32":  # fast_erf is a float32 polynomial: other dtypes take TVM's own legalization
+        from tvm.relax.transform.legalize_ops.nn import _nn_gelu
+
+        return _nn_gelu(bb, call)
+    return bb.call_te(gelu, x, primfunc_name_hint="gelu")
+
+
+def _legalize_overrides(target: TargetSpec) -> dict:
+    overrides = {"relax.reshape": _keep_reshape}
+    if not target.is_gpu:
+        overrides["relax.nn.gelu"] = _gelu_fast_erf
+    return overrides
+
+
 def graph_phase(target: TargetSpec, options: PipelineOptions) -> list:
     fusion = [FuseAttention(target)] if options.fuse_attention else []
     return [FoldLoraBranches(), FuseDequantizeMatmul(), ExpandIntegerPower()] + fusion + [
@@ -122,7 +147,7 @@ def lower_phase(target: TargetSpec, options: PipelineOptions) -> list:
         # a reshape stays an op: the VM runs it as a view of the same memory. Legalized, it becomes a copy kernel
         # whose symbolic index arithmetic (a div/mod by the sequence length per element) TVM then no longer
         # recognises as a reshape (llama-decode's KV-cache reshapes: 120 us each)
-        TvmPass("legalize_ops", lambda: relax.transform.LegalizeOps({"relax.reshape": _keep_reshape}),
+        TvmPass("legalize_ops", lambda: relax.transform.LegalizeOps(_legalize_overrides(target)),
                 lambda a, b: _count_calls(b, "relax.call_tir")),
         TvmPass("annotate_op_pattern", relax.transform.AnnotateTIROpPattern),
         TvmPass("fold_lowered_constants", relax.transform.FoldConstant,
