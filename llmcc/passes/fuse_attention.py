@@ -9,7 +9,9 @@ the mask's structure; padding or any additive mask as a bias tensor; GQA groups;
 differs from the query length), the product of the scale constants, and where q, k and v already sit in memory:
 the kernel reads q and v before their BSNH -> BNSH permutes, k before torch's reshape/transpose chain, and the
 un-repeated k/v heads under HF's repeat_kv (expand_dims, broadcast_to, reshape), so those copies disappear too.
-Sites of one spec share a kernel. The seq x seq scores never exist in memory.
+Sites of one spec share a kernel. The seq x seq scores never exist in memory. BigBird's block-sparse attention
+exports as several such sites over key blocks its own code gathered (global, window and random blocks): each is
+fused as it stands (kind "block_sparse"), so the work follows the gathered blocks, not seq^2.
 
 Runs in the graph phase on the imported module, before lift_weights. Every site is reported in ``self.sites``:
 {"site", "kind", "fused", "reason", "kernel"}.
@@ -22,7 +24,6 @@ Guards (a site that fails one stays as it is, with the reason recorded):
   - the NaN guard, when present, writes 0.0 (dropping it is exact: HF's mask is finite, so softmax gives no NaN);
   - the scores, probabilities and value-matmul output have no user outside the site (attention weights returned
     as an output keep the site unfused);
-  - not block-sparse (BigBird gathers query/key blocks with its own code).
 The kernel is the target's: ``flash_attention_cpu`` (LLVM) or ``flash_attention_cuda``.
 Causality and the window are read from the ops that build the mask (compares of position ranges, with the window as
 the constant offset) and let the kernel skip hidden tiles; the mask tensor is still added. A misread would hide keys
@@ -308,8 +309,6 @@ def _check(site: _Site, var2val, consumers, outputs, params) -> str:
         site.kind = "+".join(["sliding_window"] + [f for f in feats if f != "causal"])
     if _is_block_sparse([q, k_t, v], var2val):
         site.kind = "block_sparse"
-        return ("block-sparse attention (q/k/v gathered from blocks by BigBird's own code): the blocks arrive as "
-                "dense 4-D attention over gathered keys; no block-sparse kernel reads them in place yet")
     _plan_operands(site, var2val)
     site.spec = _spec(site)
     return site.spec.check() or ""
