@@ -25,6 +25,7 @@ from llmcc.errors import BuildFailure
 from llmcc.passes import TvmPass
 from llmcc.passes.apply_schedule_rules import ApplyScheduleRules
 from llmcc.passes.fold_lora_branches import FoldLoraBranches
+from llmcc.passes.accumulate_in_float32 import AccumulateInFloat32
 from llmcc.passes.expand_integer_power import ExpandIntegerPower
 from llmcc.passes.fuse_attention import FuseAttention
 from llmcc.passes.fuse_dequantize_matmul import FuseDequantizeMatmul
@@ -121,6 +122,7 @@ def _legalize_overrides(target: TargetSpec) -> dict:
 def graph_phase(target: TargetSpec, options: PipelineOptions) -> list:
     fusion = [FuseAttention(target)] if options.fuse_attention else []
     return [FoldLoraBranches(), FuseDequantizeMatmul(), ExpandIntegerPower()] + fusion + [
+        AccumulateInFloat32(),
         TvmPass("fold_constants", relax.transform.FoldConstant,
                 lambda a, b: max(_count_bindings(a) - _count_bindings(b), 0)),
     ]

@@ -180,3 +180,31 @@ def test_zoo_numerics_match_onnxruntime(name):
         for got, ref in zip(outs, sess.run(None, feeds)):
             rel = np.abs(got.numpy() - ref).max() / np.abs(ref).max()
             assert rel <= 1e-5, f"{name} seq {seq}: rel err {rel:.3g}"
+
+
+def test_fp16_llama_fuses_and_matches_onnxruntime(tmp_path):
+    """The zoo Llama exported from torch in float16: attention fuses (fp16 in, fp32 inside the kernel) and the model
+    stays as close to onnxruntime's fp16 run as onnxruntime is to torch's (relative error <= 2e-3 each way)."""
+    import onnxruntime as ort
+    import torch
+
+    import llmcc
+    from llmcc.verify import relative_error
+
+    module = zoo.torch_module("llama").half()
+    example = torch.from_numpy(zoo.sample_inputs("llama", 17, batch=2, seed=0)["input_ids"])
+    dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence")}
+    with torch.no_grad():
+        program = torch.onnx.export(module, (example,), dynamo=True, dynamic_shapes=(dims,),
+                                    input_names=["input_ids"], output_names=["logits"], verbose=False)
+    path = tmp_path / "llama16.onnx"
+    program.save(path, external_data=False)
+    compiled = llmcc.compile(path, verify=False)
+    assert [s["fused"] for s in compiled.report["attention"]] == [True, True]
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for seq in (1, 37):
+        feeds = zoo.sample_inputs("llama", seq, batch=2)
+        got = compiled(**feeds)
+        assert got.dtype == np.float16
+        err = relative_error(got.astype(np.float32), sess.run(None, feeds)[0].astype(np.float32))
+        assert err <= 2e-3, f"seq {seq}: relative error vs onnxruntime fp16 {err:.3g}"
