@@ -189,6 +189,8 @@ def cmd_inspect(args) -> int:
         print(_quant_summary(report["quant"]))
     for line in _lora_lines(report):
         print(f"lora      {line}")
+    for line in _attention_lines(report):
+        print(f"attention {line}")
     if "cuda_binary" in report:
         print(f"cuda      {report['cuda_binary']}")
     return 0

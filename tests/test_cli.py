@@ -92,6 +92,7 @@ def test_compile_says_what_attention_fusion_did(tmp_path):
     r = run_cli("compile", path, "-o", tmp_path / "f.llmcc")
     assert r.returncode == 0, r.stderr
     assert "attention: causal: 2 of 2 sites fused (flash_attention_cpu)" in r.stdout, r.stdout
+    assert "attention causal: 2 of 2 sites fused" in run_cli("inspect", tmp_path / "f.llmcc").stdout
     r = run_cli("compile", path, "-o", tmp_path / "u.llmcc", "--no-fuse-attention")
     assert r.returncode == 0, r.stderr
     assert "attention:" not in r.stdout and "verify: PASSED" in r.stdout
