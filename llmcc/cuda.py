@@ -279,6 +279,7 @@ class _BuildRecord:
 
     arch: str
     units: int = 0  # translation units compiled
+    prebuilt: int = 0  # CUDA modules that arrive compiled (embedded Triton cubins)
     kernels: list[str] = field(default_factory=list)
     failure: str = ""
 
@@ -313,8 +314,11 @@ def build(mod: tvm.IRModule, arch: str, *, pipeline: Any = "default") -> tvm.rel
 
     import tvm
 
+    from llmcc.kernels.triton_embed import attach_external_modules, embedded_kernels
+
+    mod = attach_external_modules(mod)  # cubins of embedded Triton kernels (no-op without any)
     target = tvm.target.Target({"kind": "cuda", "arch": arch})
-    record = _BuildRecord(arch)
+    record = _BuildRecord(arch, prebuilt=len(embedded_kernels(mod)))
     with _build_lock, _path_with(nvcc_dir), _compile_hook(_make_compile_hook(target, record)), target:
         try:
             executable = tvm.compile(mod, target=target, relax_pipeline=pipeline)
@@ -400,7 +404,7 @@ def _check_binary(executable: tvm.relax.Executable, record: _BuildRecord) -> Non
     cuda_modules = [m for m in _walk(executable.mod) if m.kind == "cuda"]
     if not cuda_modules:
         return  # nothing ran on the GPU
-    if record.units < len(cuda_modules) or not all(m.is_runnable() for m in cuda_modules):
+    if record.units + record.prebuilt < len(cuda_modules) or not all(m.is_runnable() for m in cuda_modules):
         names = ", ".join(record.kernels[:3]) or "its kernels"
         raise BuildFailure(
             f"CUDA build for {record.arch} kept CUDA source instead of a binary for {names}: "

@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Check llmcc's CUDA flash-attention kernel (llmcc/kernels/flash_attention_cuda.py) on a GPU: build each spec for
 the local GPU's arch, run it on random inputs at several (Sq, Skv), compare with the float64 numpy reference, time
-it, print a table. Takes about a minute (16 kernels to build, a few ms of GPU time each).
+it, print a table. Takes about a minute (16 kernels to build, a few ms of GPU time each). Specs named ``*_triton`` run
+the Triton sliding-window kernel as llmcc embeds it (llmcc/kernels/triton_embed.py: AOT cubin launched from TIR);
+``--emulate`` leaves them out (the emulator runs TIR only).
 
     python tools/gpu_check_attention.py                   # on a GPU machine: all specs, all sizes
     python tools/gpu_check_attention.py --specs decode    # some specs (names as in SPECS)
@@ -49,11 +51,19 @@ def _specs():
         "dense_f32_d128": S(8, 8, 128, 128, 0.0884),
         "bf16_bias_bsnd": S(8, 4, 64, 64, 0.125, dtype="bfloat16", bias=(True, True, False), q_layout="bsnd",
                             k_layout="bsnd", v_layout="bsnd", out_layout="bsnd"),
+        "window_16_triton": S(8, 8, 64, 64, 0.125, causal=True, window=16),
+        "window_gqa_f16_bnds_triton": S(8, 2, 64, 64, 0.125, causal=True, window=32, dtype="float16",
+                                        q_layout="bsnd", k_layout="bnds", v_layout="bsnd", out_layout="bsnd"),
     }
 
 
 SPECS = ("dense_f32_d64", "causal_bias_bnds_bsnd", "gqa_8q_2kv", "window_16", "decode", "decode_gqa_f16_d128",
-         "causal_f16_d128", "dense_f32_d32", "dense_f32_d128", "bf16_bias_bsnd")  # the keys of _specs()
+         "causal_f16_d128", "dense_f32_d32", "dense_f32_d128", "bf16_bias_bsnd", "window_16_triton",
+         "window_gqa_f16_bnds_triton")  # the keys of _specs()
+
+
+def _is_triton(name: str) -> bool:
+    return name.endswith("_triton")
 
 
 def make_inputs(spec, sq: int, skv: int, batch: int = BATCH, seed: int = 0) -> dict:
@@ -118,15 +128,20 @@ def max_error(spec, out, arrays) -> float:
 
 
 class _GpuRunner:
-    def __init__(self, spec, arch: str):
+    def __init__(self, spec, arch: str, triton: bool = False):
         import tvm
 
         from llmcc import cuda
+        from llmcc.kernels import triton_embed
         from llmcc.kernels.flash_attention_cuda import flash_attention_cuda
 
-        func = flash_attention_cuda(spec, arch)
-        executable = cuda.build(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), arch)
+        func = (triton_embed.sliding_window_attention_func if triton else flash_attention_cuda)(spec, arch)
+        mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+        executable = cuda.build(mod, arch)
         self.module = executable.mod
+        # a TIR-only build does not link IRModule external_mods (only Relax's does): import the Triton cubin here
+        for name, (cubin, types_, tags) in triton_embed.embedded_kernels(mod).items():
+            self.module.import_module(triton_embed.cuda_module(name, cubin, types_, tags))
         self.dev = tvm.cuda(0)
         self.order = ["Q", "K", "V"] + (["Bias"] if spec.bias is not None else []) + ["O"]
 
@@ -143,7 +158,9 @@ class _GpuRunner:
 
 
 class _EmulatedRunner:
-    def __init__(self, spec, arch: str):
+    def __init__(self, spec, arch: str, triton: bool = False):
+        if triton:
+            raise ValueError("the CPU emulator runs TIR kernels only, not the embedded Triton cubin")
         sys.path.insert(0, str(ROOT / "tests" / "kernels"))
         from cuda_emu import Emulated
 
@@ -161,7 +178,7 @@ def run_checks(arch: str, specs=None, sizes=SIZES, emulate: bool = False, budget
     from llmcc.kernels.flash_attention_cuda import cuda_tiles
 
     all_specs = _specs()
-    names = list(specs or SPECS)
+    names = list(specs or [s for s in SPECS if not (emulate and _is_triton(s))])
     start, rows = time.perf_counter(), []
     for name in names:
         spec = all_specs[name]
@@ -170,13 +187,20 @@ def run_checks(arch: str, specs=None, sizes=SIZES, emulate: bool = False, budget
             continue
         try:
             t0 = time.perf_counter()
-            runner = (_EmulatedRunner if emulate else _GpuRunner)(spec, arch)
+            runner = (_EmulatedRunner if emulate else _GpuRunner)(spec, arch, triton=_is_triton(name))
             build_s = time.perf_counter() - t0
         except Exception as exc:  # noqa: BLE001 (one spec that does not build must not hide the others)
             rows.append({"spec": name, "error": f"build: {type(exc).__name__}: {str(exc).strip()[:300]}"})
             log(json.dumps(rows[-1]))
             continue
-        tiles = cuda_tiles(spec, arch)
+        if _is_triton(name):
+            from llmcc.kernels.sliding_window_attention import SlidingWindowAttentionConfig
+
+            c = SlidingWindowAttentionConfig.get_default(seq_q=spec.q_len, head_dim=spec.head_dim)
+            tiles_text = f"triton bm={c.BLOCK_M} bn={c.BLOCK_N} warps={c.num_warps}"
+        else:
+            tiles = cuda_tiles(spec, arch)
+            tiles_text = f"{tiles.mode} tq={tiles.tq} tk={tiles.tk} threads={tiles.threads}"
         for sq, skv in sizes:
             if spec.q_len is not None and sq != spec.q_len:
                 continue
@@ -184,8 +208,7 @@ def run_checks(arch: str, specs=None, sizes=SIZES, emulate: bool = False, budget
             try:
                 out, ms = runner(data["arrays"], data["sizes"])
                 err = max_error(spec, out, data["arrays"])
-                row = {"spec": name, "kind": spec.kind, "dtype": spec.dtype, "tiles": f"{tiles.mode} "
-                       f"tq={tiles.tq} tk={tiles.tk} threads={tiles.threads}", "sq": sq, "skv": skv,
+                row = {"spec": name, "kind": spec.kind, "dtype": spec.dtype, "tiles": tiles_text, "sq": sq, "skv": skv,
                        "max_err": err, "tol": TOLERANCE[spec.dtype], "ms": ms, "build_s": build_s,
                        "passed": bool(err <= TOLERANCE[spec.dtype])}
             except Exception as exc:  # noqa: BLE001 (report it in the table, go on)

@@ -325,5 +325,18 @@ def flash_attention_kernel(spec: AttentionSpec, target) -> tuple[str, object]:
     if target is not None and target.is_gpu:
         from llmcc.kernels.flash_attention_cuda import flash_attention_cuda
 
+        if spec.window:
+            # sliding window without a bias tensor: the Triton kernel, AOT-compiled to a cubin inside the module
+            from llmcc.kernels import triton_embed
+
+            if triton_embed.sliding_window_unsupported(spec) is None and target.arch in triton_embed.TRITON_ARCHS:
+                try:
+                    return "triton", triton_embed.sliding_window_attention_func(spec, target.arch)
+                except Exception as exc:  # noqa: BLE001 (no Triton / ptxas here: the TIR kernel computes it too)
+                    import logging
+
+                    logging.getLogger(__name__).warning("Triton sliding-window kernel unavailable (%s: %s); using "
+                                                        "flash_attention_cuda", type(exc).__name__, exc)
+
         return "flash_attention_cuda", flash_attention_cuda(spec, target.arch)
     return "flash_attention_cpu", flash_attention_cpu(spec)

@@ -24,7 +24,11 @@ Guards (a site that fails one stays as it is, with the reason recorded):
   - the NaN guard, when present, writes 0.0 (dropping it is exact: HF's mask is finite, so softmax gives no NaN);
   - the scores, probabilities and value-matmul output have no user outside the site (attention weights returned
     as an output keep the site unfused);
-The kernel is the target's: ``flash_attention_cpu`` (LLVM) or ``flash_attention_cuda``.
+The kernel is the target's: ``flash_attention_cpu`` (LLVM) or ``flash_attention_cuda``; on CUDA a sliding-window site
+whose mask is exactly its causal window (where(visible, 0, -inf-like) computed from positions and shapes alone, no
+model input) runs the Triton sliding-window kernel embedded as a cubin (report kernel "triton"; the kernel computes
+the mask itself, so the mask tensor is not read). Any other window site keeps ``flash_attention_cuda`` and its report
+entry's reason says why not Triton.
 Causality and the window are read from the ops that build the mask (compares of position ranges, with the window as
 the constant offset) and let the kernel skip hidden tiles; the mask tensor is still added. A misread would hide keys
 the mask shows: the compiled model's check against onnxruntime fails then, loudly.
@@ -47,6 +51,8 @@ After::
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import tvm
 from tvm.sym.analyzer import Analyzer
@@ -187,6 +193,8 @@ class _Site:
         self.operands: dict = {}
         self.kv_heads = 0
         self.spec: AttentionSpec | None = None
+        self.drop_mask = False  # the kernel computes the mask itself (the causal window): the tensor is not read
+        self.note = ""  # for a fused site: why it kept the TIR kernel where the Triton one was considered
 
 
 def _outputs(func) -> set:
@@ -314,6 +322,48 @@ def _check(site: _Site, var2val, consumers, outputs, params) -> str:
     return site.spec.check() or ""
 
 
+# What HF's mask builder uses to compute a causal sliding-window mask from positions alone.
+_WINDOW_MASK_OPS = {"relax.add", "relax.subtract", "relax.arange", "relax.astype", "relax.broadcast_to",
+                    "relax.concat", "relax.cumsum", "relax.equal", "relax.not_equal", "relax.expand_dims",
+                    "relax.gather_nd", "relax.greater", "relax.greater_equal", "relax.less", "relax.less_equal",
+                    "relax.logical_and", "relax.logical_or", "relax.logical_not", "relax.shape_of",
+                    "relax.shape_to_tensor", "relax.strided_slice", "relax.where", "relax.reshape",
+                    "relax.permute_dims", "relax.squeeze"}
+
+
+def _not_window_mask(site: _Site, var2val, params) -> str:
+    """'' when the site's additive mask is exactly its causal window: where(visible, 0, <= -1e30) with ``visible``
+    computed from shapes and constants alone (position compares; no model input, so no padding); else why not."""
+    if not site.causal:
+        return "the mask is not read as causal"
+    where = _producer(site.m.get("mask"), var2val)
+    if _op_name(where) != "relax.where" or not all(isinstance(a, _Const) for a in where.args[1:]):
+        return "the mask is not where(visible, 0, -inf-like) of constants"
+    shown, hidden = _scalar(where.args[1]), _scalar(where.args[2])
+    if shown != 0.0 or hidden is None or hidden > -1e30:
+        return f"the mask adds {shown} / {hidden}, not 0 / -inf-like"
+    if where.args[0] in params:
+        return "the mask's condition is a model input"
+    stack, seen = [where.args[0]], set()
+    while stack:
+        call = _producer(stack.pop(), var2val)
+        if call is None or call in seen:
+            continue
+        seen.add(call)
+        if len(seen) > 400:
+            return "the mask's computation is too large to check"
+        name = _op_name(call)
+        if name not in _WINDOW_MASK_OPS:
+            return f"the mask uses {name or 'a non-operator call'}, not only position compares"
+        if name == "relax.shape_of":
+            continue  # shapes only: the data behind it does not reach the mask
+        for a in _operand_vars(call):
+            if a in params:
+                return f"the mask reads model input {a.name_hint} (a padding or custom mask)"
+            stack.append(a)
+    return ""
+
+
 def _describe_unmatched(probs_var, probs, var2val) -> tuple[str, str]:
     """kind and reason for a softmax that feeds a matmul but matched no attention pattern."""
     if int(probs.attrs.axis) not in (-1, _ndim(probs) - 1):
@@ -435,7 +485,7 @@ class _SiteRewriter(relax.PyExprMutator):
             self.kernels[spec] = self.builder_.add_func(self.kernel_for(spec),
                                                           "flash_attention_" + spec.kind.replace("+", "_"))
         args = [self.visit_expr(site.operands[n][0]) for n in ("q", "k", "v")]
-        bias = site.m.get("mask")
+        bias = None if site.drop_mask else site.m.get("mask")
         if bias is not None:
             bias = self.visit_expr(bias)
             while _ndim(bias) < 4:
@@ -456,12 +506,37 @@ class FuseAttention(LlmccPass):
         super().__init__()
         self.target = target
         self.sites: list[dict] = []
+        self._kernels: dict = {}  # spec -> (kernel name, PrimFunc) from flash_attention_kernel
 
-    def _kernel_name(self) -> str:
+    def _kernel_name(self, spec: AttentionSpec | None = None) -> str:
+        if spec is not None and spec in self._kernels:
+            return self._kernels[spec][0]
         return "flash_attention_cuda" if self.target is not None and self.target.is_gpu else "flash_attention_cpu"
 
     def _kernel_for(self, spec: AttentionSpec):
-        return flash_attention_kernel(spec, self.target)[1]
+        if spec not in self._kernels:
+            self._kernels[spec] = flash_attention_kernel(spec, self.target)
+        return self._kernels[spec][1]
+
+    def _choose_triton(self, site: _Site, var2val, params) -> None:
+        """On CUDA, a sliding-window site whose mask is exactly the causal window goes to the Triton kernel, which
+        computes that mask itself (the mask tensor is dropped); any other window site keeps flash_attention_cuda,
+        with the reason in the site's report."""
+        if self.target is None or not self.target.is_gpu or site.spec is None or not site.spec.window:
+            return
+        why = _not_window_mask(site, var2val, params) if site.spec.bias is not None else ""
+        if not why:
+            candidate = dataclasses.replace(site.spec, bias=None)
+            try:
+                self._kernel_for(candidate)
+            except ValueError as exc:
+                why = str(exc)
+            else:
+                if self._kernels[candidate][0] == "triton":
+                    site.spec, site.drop_mask = candidate, True
+                    return
+                why = "flash_attention_kernel did not pick Triton for this spec"
+        site.note = f"kernel {self._kernel_name()}, not triton: {why}"
 
     def transform(self, mod):
         self.sites = []
@@ -503,7 +578,9 @@ class FuseAttention(LlmccPass):
                 self._record(fname, probs_var, kind, False, reason)
                 continue
             reason = _check(site, var2val, consumers, outputs, params)
-            self._record(fname, probs_var, site.kind, not reason, reason)
+            if not reason:
+                self._choose_triton(site, var2val, params)
+            self._record(fname, probs_var, site.kind, not reason, reason or site.note, site.spec)
             if not reason:
                 plans[site.root_var] = site
         return plans
@@ -529,6 +606,6 @@ class FuseAttention(LlmccPass):
                 return _Site(var, {k: matched[p] for k, p in pat.items() if p in matched}, name)
         return None
 
-    def _record(self, fname, probs_var, kind, fused, reason):
+    def _record(self, fname, probs_var, kind, fused, reason, spec=None):
         self.sites.append({"site": f"{fname}/{probs_var.name}", "kind": kind, "fused": bool(fused),
-                           "reason": reason, "kernel": self._kernel_name() if fused else None})
+                           "reason": reason, "kernel": self._kernel_name(spec) if fused else None})
