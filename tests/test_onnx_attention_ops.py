@@ -346,3 +346,16 @@ def test_rotary_then_attention():
                    [onnx.numpy_helper.from_array(cos, "cos"), onnx.numpy_helper.from_array(sin, "sin")])
     report = _check(model, [lambda rng: _rope_feed(model, rng)] * 2, sites=1, verify=True)
     assert report[0]["fused"] and "gqa" in report[0]["kind"], report
+
+
+def test_symbolic_causal_without_past_any_lengths():
+    """is_causal without a KV cache is top-left aligned (j <= i) in ONNX; with symbolic lengths the mask is computed
+    from positions, the fused kernel sees a causal site, and its own (bottom-right) hiding must never hide a key the
+    mask shows: Sq < Skv, Sq == Skv and Sq > Skv all match the reference."""
+    model = _model([_attention(["q", "k", "v"], is_causal=1)],
+                   [_vi("q", ["b", H, "s", D]), _vi("k", ["b", H, "t", D]), _vi("v", ["b", H, "t", D])],
+                   [_vi("y", ["b", H, "s", D])])
+    feeds = [lambda rng, s=s, t=t: _feed(model, rng, {"b": 2, "s": s, "t": t}) for s, t in ((3, 5), (5, 5), (6, 4),
+                                                                                            (40, 7))]
+    report = _check(model, feeds, sites=1)
+    assert report[0]["fused"] and report[0]["kind"].startswith("causal"), report

@@ -92,13 +92,15 @@ def from_canonical(x: np.ndarray, layout: str) -> np.ndarray:
 
 
 def visible(spec: AttentionSpec, sq: int, skv: int) -> np.ndarray:
-    """[Sq, Skv] bool: which keys causality and the window leave to each query row."""
+    """[Sq, Skv] bool: which keys causality and the window leave to each query row. Only when Sq <= Skv: with more
+    queries than keys the rows have no position to align to the keys (not a self-attention or cache layout), so
+    the kernel hides nothing itself and the bias tensor, which the fusion pass always passes, does the masking."""
     pos = np.arange(sq)[:, None] + (skv - sq)
     j = np.arange(skv)[None, :]
     ok = np.ones((sq, skv), bool)
-    if spec.causal or spec.window:
+    if (spec.causal or spec.window) and sq <= skv:
         ok &= j <= pos
-    if spec.window:
+    if spec.window and sq <= skv:
         ok &= j > pos - spec.window
     return ok
 
@@ -194,18 +196,20 @@ def flash_attention_cpu(spec: AttentionSpec, tiles: CpuTiles | None = None):
         bb, bh, bq = spec.bias
         return tirx.Cast(acc_t, Bias[0 if bb else b, 0 if bh else h, 0 if bq else i, j])
 
-    def key_visible(j, pos, kv_hi):
+    def key_visible(j, pos, kv_hi, off):
         conds = [j < kv_hi]
+        aligned = off >= 0  # Sq > Skv: no alignment to trust; the bias alone masks (see ``visible``)
         if causal:
-            conds.append(j <= pos)
+            conds.append(tirx.any(j <= pos, tirx.Not(aligned)))
         if window:
-            conds.append(j > pos - window)
+            conds.append(tirx.any(j > pos - window, tirx.Not(aligned)))
         return tirx.all(*conds)
 
     def kv_range(i0, off, SKV):
         """Keys the tile's rows may see: [lo, hi)."""
-        hi = tirx.min(SKV, i0 + TQ + off) if causal else SKV
-        lo = tirx.max(tirx.IntImm("int64", 0), i0 + off - window + 1) if window else tirx.IntImm("int64", 0)
+        zero = tirx.IntImm("int64", 0)
+        hi = tirx.Select(off >= 0, tirx.min(SKV, i0 + TQ + off), SKV) if causal else SKV
+        lo = tirx.Select(off >= 0, tirx.max(zero, i0 + off - window + 1), zero) if window else zero
         return lo, hi
 
     @T.macro
@@ -250,7 +254,7 @@ def flash_attention_cpu(spec: AttentionSpec, tiles: CpuTiles | None = None):
                 for i in T.serial(TQ):
                     for jj in T.vectorized(TK):
                         s_t[i, jj] = T.Select(
-                            key_visible(j0 + jj, i0 + i + off, kv_hi),
+                            key_visible(j0 + jj, i0 + i + off, kv_hi, off),
                             s_t[i, jj] + bias_term(Bias, b, h, T.min(i0 + i, SQ - 1), T.min(j0 + jj, SKV - 1)),
                             T.float32(-math.inf))
                     # row max and sum in LANES-wide vectors first: a scalar chain over TK keys costs more than the

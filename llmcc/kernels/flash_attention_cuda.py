@@ -220,20 +220,23 @@ class _Ctx:
         zero = tirx.IntImm("int64", 0)
         return tirx.Cast("float32", Bias[zero if bb else b, zero if bh else h, zero if bq else i, j])
 
-    def key_visible(self, j, pos, skv):
+    def key_visible(self, j, pos, skv, off):
+        """Causality and the window hide keys only when Sq <= Skv (off >= 0); see flash_attention.visible."""
         tirx = self.tirx
         conds = [j < skv]
+        aligned = off >= 0
         if self.causal:
-            conds.append(j <= pos)
+            conds.append(tirx.any(j <= pos, tirx.Not(aligned)))
         if self.window:
-            conds.append(j > pos - self.window)
+            conds.append(tirx.any(j > pos - self.window, tirx.Not(aligned)))
         return tirx.all(*conds)
 
     def kv_range(self, i0, tq, off, skv):
         """Keys rows i0 .. i0+tq-1 may see: [lo, hi)."""
         tirx = self.tirx
-        hi = tirx.min(skv, i0 + tq + off) if self.causal else skv
-        lo = tirx.max(tirx.IntImm("int64", 0), i0 + off - self.window + 1) if self.window else tirx.IntImm("int64", 0)
+        zero = tirx.IntImm("int64", 0)
+        hi = tirx.Select(off >= 0, tirx.min(skv, i0 + tq + off), skv) if self.causal else skv
+        lo = tirx.Select(off >= 0, tirx.max(zero, i0 + off - self.window + 1), zero) if self.window else zero
         return lo, hi
 
     @staticmethod
@@ -420,7 +423,7 @@ def _prefill_kernel(spec: AttentionSpec, t: CudaTiles):
                                 for k in T.unroll(RK):
                                     j = j0 + tx + TX * k
                                     s[a * RK + k] = T.Select(
-                                        c.key_visible(j, i + off, SKV),
+                                        c.key_visible(j, i + off, SKV, off),
                                         s[a * RK + k] * T.float32(scale)
                                         + c.bias_term(Bias, b, h, T.min(i, SQ - 1), T.min(j, SKV - 1)),
                                         T.float32(-math.inf))
@@ -541,7 +544,7 @@ def _decode_kernel(spec: AttentionSpec, t: CudaTiles):
                                 for o in T.unroll(LOG_KG):  # the dot product over the key's KG lanes
                                     s[r] = s[r] + c.shfl_xor(s[r], 1 << o)
                                 s[r] = T.Select(
-                                    c.key_visible(j0 + jj, i0 + r + off, SKV),
+                                    c.key_visible(j0 + jj, i0 + r + off, SKV, off),
                                     s[r] + c.bias_term(Bias, b, h, T.min(i0 + r, SQ - 1), T.min(j0 + jj, SKV - 1)),
                                     T.float32(-math.inf))
                                 red[0] = s[r]

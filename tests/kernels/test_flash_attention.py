@@ -61,11 +61,13 @@ def _random_spec(rng, **fixed):
 @pytest.mark.parametrize("case", range(8))
 def test_random_specs_match_reference(case, seed):
     """Random heads/GQA, head dims, layouts, causal/window, broadcast biases; ragged lengths (not tile multiples),
-    a query shorter than the keys (a chunk against a cache), and one query row."""
+    a query shorter than the keys (a chunk against a cache), one query row, and more queries than keys (no
+    alignment: only the bias masks)."""
     rng = np.random.default_rng(seed + case)
     spec = _random_spec(rng)
     fn = _build(spec)
-    for sq, skv in [(int(rng.integers(1, 80)),) * 2, (int(rng.integers(1, 20)), int(rng.integers(20, 90))), (1, 33)]:
+    for sq, skv in [(int(rng.integers(1, 80)),) * 2, (int(rng.integers(1, 20)), int(rng.integers(20, 90))), (1, 33),
+                    (int(rng.integers(20, 70)), int(rng.integers(1, 20)))]:
         b = int(rng.integers(1, 3))
         args = _inputs(spec, rng, b, sq, skv)
         got = _run(fn, spec, args, b, sq)
@@ -119,6 +121,7 @@ def test_visible_keys_follow_hf_window_and_causality():
     got = visible(spec, 2, 6)  # query rows at positions 4 and 5
     assert got.tolist() == [[False, False, True, True, True, False], [False, False, False, True, True, True]]
     assert visible(AttentionSpec(1, 1, 8, 8, 1.0), 3, 5).all()  # no causality: nothing hidden
+    assert visible(spec, 6, 4).all()  # more queries than keys: no positions to align, the bias alone masks
 
 
 def test_fast_exp_matches_numpy():
