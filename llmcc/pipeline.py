@@ -24,6 +24,7 @@ from tvm import relax
 from llmcc.errors import BuildFailure
 from llmcc.passes import TvmPass
 from llmcc.passes.apply_schedule_rules import ApplyScheduleRules
+from llmcc.passes.apply_tuning_database import ApplyTuningDatabase
 from llmcc.passes.fold_lora_branches import FoldLoraBranches
 from llmcc.passes.fuse_attention import FuseAttention
 from llmcc.passes.fuse_dequantize_matmul import FuseDequantizeMatmul
@@ -39,6 +40,7 @@ class PipelineOptions:
     debug: bool = False  # well-formedness check after every phase
     fuse_attention: bool = True  # attention sites become one flash kernel call each (passes/fuse_attention.py)
     quant_formats: dict = field(default_factory=dict)  # weight fingerprint -> (layer, format), from the gate
+    tuning_db: object = None  # llmcc.tuning.TuningDatabase: its target's tuned schedules win over the rules
 
 
 @dataclass
@@ -135,8 +137,9 @@ def schedule_phase(target: TargetSpec, options: PipelineOptions) -> list:
     from llmcc.schedules import rules_for
 
     rules = rules_for(target)
+    tuned = [ApplyTuningDatabase(options.tuning_db, leave_reshapes=not target.is_gpu)] if options.tuning_db else []
     # On CUDA, dlight's rules must bind every kernel to threads; on CPU a pure reshape is best left to become a view
-    return [ApplyScheduleRules(rules, leave_reshapes=not target.is_gpu)] if rules else []
+    return tuned + ([ApplyScheduleRules(rules, leave_reshapes=not target.is_gpu)] if rules else [])
 
 
 def finalize_phase(target: TargetSpec, options: PipelineOptions) -> list:
@@ -154,10 +157,14 @@ PHASES = [("graph", graph_phase), ("quantize", quantize_phase), ("weights", weig
           ("lower", lower_phase), ("schedule", schedule_phase), ("finalize", finalize_phase)]
 
 
-def run(mod: tvm.IRModule, target: TargetSpec, options: PipelineOptions | None = None) -> PipelineResult:
-    """Apply every phase to ``mod`` for ``target``; the result is ready for code generation."""
+def run(mod: tvm.IRModule, target: TargetSpec, options: PipelineOptions | None = None,
+        stop_after: str | None = None) -> PipelineResult:
+    """Apply every phase to ``mod`` for ``target``; the result is ready for code generation.
+
+    ``stop_after``: the last phase to run (``"lower"`` gives the unscheduled kernels that llmcc.tuning tunes)."""
     options = options or PipelineOptions()
     result = PipelineResult(mod=mod, weights=[])
+    tuned: list = []
     with target.tvm_target():
         for phase, make_passes in PHASES:
             start = time.perf_counter()
@@ -171,8 +178,10 @@ def run(mod: tvm.IRModule, target: TargetSpec, options: PipelineOptions | None =
                 result.passes.append({"name": p.name, "phase": phase, "rewrites": int(p.rewrites)})
                 if isinstance(p, LiftWeights):
                     result.weights = p.weights
+                if isinstance(p, ApplyTuningDatabase):
+                    tuned = result.kernels = p.kernels
                 if isinstance(p, ApplyScheduleRules):
-                    result.kernels = p.kernels
+                    result.kernels = tuned + p.kernels
                 if isinstance(p, FuseAttention):
                     result.attention = p.sites
                 if isinstance(p, QuantizeWeights):
@@ -181,4 +190,6 @@ def run(mod: tvm.IRModule, target: TargetSpec, options: PipelineOptions | None =
             log.info("phase %s: %.2fs", phase, result.timings[phase])
             if options.debug and not relax.analysis.well_formed(result.mod):
                 raise BuildFailure(f"IR is not well formed after the {phase} phase")
+            if phase == stop_after:
+                break
     return result
