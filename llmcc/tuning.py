@@ -370,9 +370,39 @@ def rule_schedule(func, spec):
     return new
 
 
+def _rule_trace(func, spec):
+    """The trace of llmcc's rule schedule for ``func`` (the first rule that takes it), or None."""
+    from tvm import s_tir
+
+    from llmcc.schedules import rules_for
+
+    with spec.tvm_target() as target:
+        for rule in rules_for(spec):
+            try:
+                space = rule.apply(func, target, False)
+            except Exception:  # noqa: BLE001 - as in ApplyScheduleRules: a rule that raises declines
+                continue
+            if space is not None:
+                sch = space if isinstance(space, s_tir.Schedule) else space[0]
+                return sch.trace
+    return None
+
+
+def _measure(builder, runner, mod, target, args_info) -> list | None:
+    """run_secs of one schedule through MetaSchedule's builder and runner (the same measurement as tuning)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    (built,) = builder.build([ms.builder.BuilderInput(mod, target)])
+    if built.error_msg:
+        return None
+    (future,) = runner.run([ms.runner.RunnerInput(built.artifact_path, "cpu", args_info)])
+    result = future.result()
+    return None if result.error_msg else [float(x) for x in result.run_secs]
+
+
 def tune(model, target: str = "cpu", db_dir=None, trials: int = 64, *, trials_per_iter: int = 32,
          max_workers: int = 1, num_cores: int | None = None, seed: int | None = None, compare: bool = False,
-         kernels: list[str] | None = None, population: int = 512) -> dict:
+         kernels: list[str] | None = None, population: int = 512, keep_slower: bool = False) -> dict:
     """Tune the static-shape kernels of ``model`` for ``target`` with MetaSchedule (XGBoost cost model, local
     builder with ``max_workers`` workers, local runner) and append the measured records to the database folder
     ``db_dir`` (created if missing). ``trials``: MetaSchedule's global trial budget over all kernels.
@@ -380,9 +410,15 @@ def tune(model, target: str = "cpu", db_dir=None, trials: int = 64, *, trials_pe
     ``population``: the evolutionary search's population per round (MetaSchedule's default 512; a small one, e.g.
     32, makes a few-trial run take seconds instead of a minute, for tests).
 
+    Each kernel's search starts from llmcc's rule schedule (its trace, measured like any candidate, seeds the
+    evolutionary search); a kernel's records are kept only when the best beats the rule's measured time, so the
+    database never makes a kernel slower than compiling without it (within measurement noise); ``keep_slower``
+    keeps them anyway (tests and experiments).
+
     Returns a summary: {"target", "db", "seconds", "records_added", "kernels": [{"kernel", "tuned", "reason",
-    "best_us", "rule_us", "tuned_us"}]}.
+    "best_us", "rule_measured_us", "rule_us", "tuned_us"}]} (rule_us/tuned_us: timed again with ``compare``).
     """
+    from tvm import s_tir
     from tvm.s_tir import meta_schedule as ms
 
     from llmcc.targets import resolve
@@ -403,6 +439,8 @@ def tune(model, target: str = "cpu", db_dir=None, trials: int = 64, *, trials_pe
                "trials": trials, "kernels": []}
     ms_target = tuning_target(spec, num_cores)
     work = Path(tempfile.mkdtemp(prefix="llmcc-tune-"))
+    rule_secs: dict[str, float] = {}
+    verdicts: dict[str, str] = {}
     try:
         new_records = []
         if tunable:
@@ -419,17 +457,46 @@ def tune(model, target: str = "cpu", db_dir=None, trials: int = 64, *, trials_pe
             runner = ms.runner.LocalRunner(timeout_sec=60, evaluator_config=ms.runner.EvaluatorConfig(
                 number=3, repeat=1, min_repeat_ms=0, enable_cpu_cache_flush=False))
             scratch = ms.database.JSONDatabase(work_dir=str(work))
+            rule_secs, seeds = {}, set()
+            for (name, func, _), ctx in zip(tunable, contexts):
+                trace = _rule_trace(func, spec)
+                if trace is None:
+                    continue
+                args_info = ms.arg_info.ArgInfo.from_prim_func(func)
+                sch = s_tir.Schedule(ctx.mod)
+                trace.apply_to_schedule(sch, remove_postproc=False)
+                secs = _measure(builder, runner, sch.mod, ms_target, args_info)
+                if secs is None:
+                    continue
+                rule_secs[name] = sum(secs) / len(secs)
+                seeds.add(str(trace))
+                scratch.commit_tuning_record(ms.database.TuningRecord(
+                    trace, scratch.commit_workload(ctx.mod), secs, ms_target, args_info))
             ms.tune.tune_tasks(tasks=contexts, task_weights=[float(w) for _, _, w in tunable],
                                work_dir=str(work), max_trials_global=trials,
                                num_trials_per_iter=min(trials_per_iter, trials), builder=builder, runner=runner,
                                database=scratch, cost_model="xgb")
-            new_records = [r for r in scratch.get_all_tuning_records() if run_secs(r) is not None]
+            for (name, func, _), ctx in zip(tunable, contexts):
+                workload = scratch.commit_workload(ctx.mod)
+                recs = [r for r in scratch.get_top_k(workload, 1 << 30)
+                        if str(r.trace) not in seeds and run_secs(r) is not None]
+                if not recs:
+                    verdicts[name] = "no candidate built and ran"
+                elif not keep_slower and name in rule_secs and run_secs(recs[0]) >= rule_secs[name]:
+                    verdicts[name] = (f"rule schedule faster ({rule_secs[name] * 1e6:.1f} us vs best tuned "
+                                      f"{run_secs(recs[0]) * 1e6:.1f} us): no record kept")
+                else:
+                    new_records += recs
             summary["records_added"] = db.add(new_records)
         else:
             summary["records_added"] = 0
         summary["seconds"] = round(time.perf_counter() - start, 1)
         for name, func, reason, _ in found:
             row = {"kernel": name, "tuned": reason is None and (not kernels or name in kernels), "reason": reason}
+            if row["tuned"] and name in verdicts:
+                row.update(tuned=False, reason=verdicts[name])
+            if name in rule_secs:
+                row["rule_measured_us"] = round(rule_secs[name] * 1e6, 2)
             if row["tuned"]:
                 rec = db.query(func, spec)
                 row["best_us"] = round(run_secs(rec) * 1e6, 2) if rec is not None else None

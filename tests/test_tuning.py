@@ -35,13 +35,14 @@ def _matmul_onnx(path):
 
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory):
-    """(onnx path, db folder, tools/tune.py summary): 4 trials, small population, 1 builder worker."""
+    """(onnx path, db folder, tools/tune.py summary): 4 trials, small population, 1 builder worker; records kept
+    even if 4 trials do not beat the rule schedule on a busy machine (what is applied is what is tested here)."""
     tmp = tmp_path_factory.mktemp("tune")
     model = _matmul_onnx(tmp / "mm.onnx")
     db = tmp / "db"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     r = subprocess.run([sys.executable, str(ROOT / "tools" / "tune.py"), str(model), "--target", "cpu", "--trials",
-                        "4", "--population", "32", "--workers", "1", "--seed", "0", "--db", str(db), "--json",
+                        "4", "--population", "32", "--workers", "1", "--keep-slower", "--seed", "0", "--db", str(db), "--json",
                         str(tmp / "summary.json")], capture_output=True, text=True, env=env, timeout=300, cwd=ROOT,
                        check=False)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -59,7 +60,7 @@ def test_tune_writes_records_with_their_target(tuned):
 
     _, db, summary = tuned
     (row,) = summary["kernels"]
-    assert row["kernel"] == KERNEL and row["tuned"] and row["best_us"] > 0
+    assert row["kernel"] == KERNEL and row["tuned"] and row["best_us"] > 0 and row["rule_measured_us"] > 0
     assert summary["records_added"] >= 1
     records = TuningDatabase(db).records()
     assert records and all(target_key(r.target) == target_key(resolve("cpu")) for r in records)

@@ -5,8 +5,9 @@
     python tools/tune.py llama --target cpu --trials 200 --db tuning/ --compare   # a zoo model; time rule vs tuned
 
 Runs llmcc's pipeline up to its lower phase (as `llmcc compile` does), tunes the static-shape kernels on this
-machine (local builder and runner, --workers builder processes), and appends the measured records, each with its
-target, to DIR (created if missing). Kernels with a symbolic dimension are listed as skipped. Then
+machine (local builder and runner, --workers builder processes; each search starts from llmcc's rule schedule), and
+appends the measured records, each with its target, to DIR (created if missing); a kernel whose best candidate is
+not faster than the rule schedule keeps no record (--keep-slower keeps them). Kernels with a symbolic dimension are listed as skipped. Then
 `llmcc compile MODEL --target cpu --tuning-db DIR` uses the records whose target matches (llmcc.tuning.target_key).
 """
 
@@ -34,6 +35,8 @@ def main(argv=None) -> int:
     p.add_argument("--kernel", action="append", help="tune only this kernel (repeatable)")
     p.add_argument("--population", type=int, default=512,
                    help="evolutionary search population per round (default 512; 32 for a quick smoke run)")
+    p.add_argument("--keep-slower", action="store_true",
+                   help="keep a kernel's records even when llmcc's rule schedule measured faster")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--compare", action="store_true", help="time each tuned kernel's rule and tuned schedules")
     p.add_argument("--json", metavar="FILE", help="also write the summary as JSON")
@@ -43,7 +46,7 @@ def main(argv=None) -> int:
 
         summary = tune(args.model, args.target, args.db, args.trials, max_workers=args.workers,
                        num_cores=args.num_cores, seed=args.seed, compare=args.compare, kernels=args.kernel,
-                       population=args.population)
+                       population=args.population, keep_slower=args.keep_slower)
     except LlmccError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -53,7 +56,7 @@ def main(argv=None) -> int:
         if not k["tuned"]:
             print(f"  {k['kernel']}: skipped, {k['reason']}")
             continue
-        line = f"  {k['kernel']}: best {k['best_us']} us"
+        line = f"  {k['kernel']}: best {k['best_us']} us (rule schedule measured {k.get('rule_measured_us')} us)"
         if "rule_us" in k:
             speedup = (k["rule_us"] / k["tuned_us"]) if k.get("rule_us") and k.get("tuned_us") else None
             line += f"; rule schedule {k['rule_us']} us, tuned {k['tuned_us']} us"
