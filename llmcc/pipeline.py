@@ -5,7 +5,8 @@
     quantize  matmul weights packed to the accuracy gate's plan, dequantization fused into the matmul
     weights   weights become parameters, stored beside the library
     lower     ops become TIR PrimFuncs, fused
-    schedule  schedule rules from llmcc.schedules for the target
+    schedule  tuned schedules from a tuning database (llmcc.tuning) where one matches the target, then schedule
+              rules from llmcc.schedules for the target
     finalize  TVM's dataflow lowering and memory planning for the VM
 
 Each phase is a function returning its pass list; ``run`` applies them in order, timing each phase and recording
@@ -137,7 +138,8 @@ def schedule_phase(target: TargetSpec, options: PipelineOptions) -> list:
     from llmcc.schedules import rules_for
 
     rules = rules_for(target)
-    tuned = [ApplyTuningDatabase(options.tuning_db, leave_reshapes=not target.is_gpu)] if options.tuning_db else []
+    tuned = ([ApplyTuningDatabase(options.tuning_db, leave_reshapes=not target.is_gpu)]
+             if options.tuning_db is not None else [])
     # On CUDA, dlight's rules must bind every kernel to threads; on CPU a pure reshape is best left to become a view
     return tuned + ([ApplyScheduleRules(rules, leave_reshapes=not target.is_gpu)] if rules else [])
 
