@@ -53,7 +53,7 @@ def cmd_compile(args) -> int:
     module = llmcc.compile(src, target=args.target, quant=args.quant, max_error=args.max_error, calib=args.calib,
                            quantize_head=not args.keep_head, quantize_embeddings=not args.keep_embeddings,
                            lora=args.lora, verify=not args.no_verify, seed=args.seed,
-                           fuse_attention=not args.no_fuse_attention, debug=args.debug)
+                           fuse_attention=not args.no_fuse_attention, debug=args.debug, tuning_db=args.tuning_db)
     module.save(out)
     _print_summary(module.report, out)
     return 0
@@ -224,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-fuse-attention", action="store_true",
                    help="keep attention as the exported ops (the report still lists every site)")
     p.add_argument("--debug", action="store_true", help="check the IR is well formed after every phase")
+    p.add_argument("--tuning-db", metavar="DIR", default=None,
+                   help="tuning database (tools/tune.py): kernels with a record for this target use its schedule")
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("run", help="run an artifact on given or random inputs")

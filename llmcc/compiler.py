@@ -51,27 +51,32 @@ def _quiet_native_warnings():
 def compile(model, *, target: str = "cpu", quant: str = "none", max_error: float | None = None, calib=None,
             quantize_head: bool = True, quantize_embeddings: bool = True, lora=None, example_inputs=None,
             verify: bool = True, seed: int | None = None, fuse_attention: bool = True,
-            debug: bool = False) -> CompiledModule:  # noqa: A001
+            debug: bool = False, tuning_db=None) -> CompiledModule:  # noqa: A001
     """Compile an ONNX file, ModelProto or torch.nn.Module for ``target``; verified unless ``verify=False``.
 
     ``quant`` names a scheme in ``llmcc.quant.SCHEMES``; the accuracy gate keeps the outputs' relative error vs
     float32 within ``max_error`` (the scheme's default when None) on the ``calib`` inputs (.npz; random when None).
     ``lora``: PEFT LoRA adapter folders merged into the weights before anything else (so before quantization), each
     a path, "path:scale" or (path, scale); see llmcc.lora. ``fuse_attention=False`` keeps every attention site as
-    the exported ops (the report still lists the sites).
+    the exported ops (the report still lists the sites). ``tuning_db``: a tuning database folder (llmcc.tuning,
+    made by tools/tune.py); kernels with a record for this target get its tuned schedule (report rule "tuned").
     """
     with _quiet_native_warnings():
         return _compile(model, target=target, quant=quant, max_error=max_error, calib=calib,
                         quantize_head=quantize_head, quantize_embeddings=quantize_embeddings, lora=lora,
                         example_inputs=example_inputs, verify=verify, seed=seed, fuse_attention=fuse_attention,
-                        debug=debug)
+                        debug=debug, tuning_db=tuning_db)
 
 
 def _compile(model, *, target, quant, max_error, calib, quantize_head, quantize_embeddings, lora, example_inputs,
-             verify, seed, fuse_attention, debug) -> CompiledModule:
+             verify, seed, fuse_attention, debug, tuning_db) -> CompiledModule:
     scheme = quant_scheme(quant)
     spec = resolve(target)
     adapters = lora_mod.read_adapters(lora)  # read first: a bad adapter fails before any slow step
+    if tuning_db is not None:  # likewise a missing or corrupt tuning database
+        from llmcc.tuning import open_database
+
+        tuning_db = open_database(tuning_db)
     timings: dict[str, float] = {}
 
     start = time.perf_counter()
@@ -103,7 +108,7 @@ def _compile(model, *, target, quant, max_error, calib, quantize_head, quantize_
         timings["quant_plan"] = time.perf_counter() - start
 
     options = pipeline_mod.PipelineOptions(debug=debug, quant_formats=plan.formats() if plan else {},
-                                           fuse_attention=fuse_attention)
+                                           fuse_attention=fuse_attention, tuning_db=tuning_db)
     result = pipeline_mod.run(mod, spec, options)
     timings.update(result.timings)
 

@@ -5,7 +5,8 @@
     quantize  matmul weights packed to the accuracy gate's plan, dequantization fused into the matmul
     weights   weights become parameters, stored beside the library
     lower     ops become TIR PrimFuncs, fused
-    schedule  schedule rules from llmcc.schedules for the target
+    schedule  tuned schedules from a tuning database (llmcc.tuning) where one matches the target, then schedule
+              rules from llmcc.schedules for the target
     finalize  TVM's dataflow lowering and memory planning for the VM
 
 Each phase is a function returning its pass list; ``run`` applies them in order, timing each phase and recording
@@ -24,6 +25,7 @@ from tvm import relax
 from llmcc.errors import BuildFailure
 from llmcc.passes import TvmPass
 from llmcc.passes.apply_schedule_rules import ApplyScheduleRules
+from llmcc.passes.apply_tuning_database import ApplyTuningDatabase
 from llmcc.passes.fold_lora_branches import FoldLoraBranches
 from llmcc.passes.accumulate_in_float32 import AccumulateInFloat32
 from llmcc.passes.expand_integer_power import ExpandIntegerPower
@@ -41,6 +43,7 @@ class PipelineOptions:
     debug: bool = False  # well-formedness check after every phase
     fuse_attention: bool = True  # attention sites become one flash kernel call each (passes/fuse_attention.py)
     quant_formats: dict = field(default_factory=dict)  # weight fingerprint -> (layer, format), from the gate
+    tuning_db: object = None  # llmcc.tuning.TuningDatabase: its target's tuned schedules win over the rules
 
 
 @dataclass
@@ -163,8 +166,10 @@ def schedule_phase(target: TargetSpec, options: PipelineOptions) -> list:
     from llmcc.schedules import rules_for
 
     rules = rules_for(target)
+    tuned = ([ApplyTuningDatabase(options.tuning_db, leave_reshapes=not target.is_gpu)]
+             if options.tuning_db is not None else [])
     # On CUDA, dlight's rules must bind every kernel to threads; on CPU a pure reshape is best left to become a view
-    return [ApplyScheduleRules(rules, leave_reshapes=not target.is_gpu)] if rules else []
+    return tuned + ([ApplyScheduleRules(rules, leave_reshapes=not target.is_gpu)] if rules else [])
 
 
 def finalize_phase(target: TargetSpec, options: PipelineOptions) -> list:
@@ -182,10 +187,14 @@ PHASES = [("graph", graph_phase), ("quantize", quantize_phase), ("weights", weig
           ("lower", lower_phase), ("schedule", schedule_phase), ("finalize", finalize_phase)]
 
 
-def run(mod: tvm.IRModule, target: TargetSpec, options: PipelineOptions | None = None) -> PipelineResult:
-    """Apply every phase to ``mod`` for ``target``; the result is ready for code generation."""
+def run(mod: tvm.IRModule, target: TargetSpec, options: PipelineOptions | None = None,
+        stop_after: str | None = None) -> PipelineResult:
+    """Apply every phase to ``mod`` for ``target``; the result is ready for code generation.
+
+    ``stop_after``: the last phase to run (``"lower"`` gives the unscheduled kernels that llmcc.tuning tunes)."""
     options = options or PipelineOptions()
     result = PipelineResult(mod=mod, weights=[])
+    tuned: list = []
     with target.tvm_target():
         for phase, make_passes in PHASES:
             start = time.perf_counter()
@@ -199,8 +208,10 @@ def run(mod: tvm.IRModule, target: TargetSpec, options: PipelineOptions | None =
                 result.passes.append({"name": p.name, "phase": phase, "rewrites": int(p.rewrites)})
                 if isinstance(p, LiftWeights):
                     result.weights = p.weights
+                if isinstance(p, ApplyTuningDatabase):
+                    tuned = result.kernels = p.kernels
                 if isinstance(p, ApplyScheduleRules):
-                    result.kernels = p.kernels
+                    result.kernels = tuned + p.kernels
                 if isinstance(p, FuseAttention):
                     result.attention = p.sites
                 if isinstance(p, QuantizeWeights):
@@ -209,4 +220,6 @@ def run(mod: tvm.IRModule, target: TargetSpec, options: PipelineOptions | None =
             log.info("phase %s: %.2fs", phase, result.timings[phase])
             if options.debug and not relax.analysis.well_formed(result.mod):
                 raise BuildFailure(f"IR is not well formed after the {phase} phase")
+            if phase == stop_after:
+                break
     return result
