@@ -41,10 +41,10 @@ def tuned(tmp_path_factory):
     model = _matmul_onnx(tmp / "mm.onnx")
     db = tmp / "db"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    r = subprocess.run([sys.executable, str(ROOT / "tools" / "tune.py"), str(model), "--target", "cpu", "--trials",
-                        "4", "--population", "32", "--workers", "1", "--keep-slower", "--seed", "0", "--db", str(db), "--json",
-                        str(tmp / "summary.json")], capture_output=True, text=True, env=env, timeout=300, cwd=ROOT,
-                       check=False)
+    args = [str(model), "--target", "cpu", "--trials", "4", "--population", "32", "--workers", "1", "--keep-slower",
+            "--seed", "0", "--db", str(db), "--json", str(tmp / "summary.json")]
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "tune.py"), *args], capture_output=True, text=True,
+                       env=env, timeout=300, cwd=ROOT, check=False)
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"{KERNEL}: best" in r.stdout
     return model, db, json.loads((tmp / "summary.json").read_text())

@@ -7,7 +7,8 @@
 Runs llmcc's pipeline up to its lower phase (as `llmcc compile` does), tunes the static-shape kernels on this
 machine (local builder and runner, --workers builder processes; each search starts from llmcc's rule schedule), and
 appends the measured records, each with its target, to DIR (created if missing); a kernel whose best candidate is
-not faster than the rule schedule keeps no record (--keep-slower keeps them). Kernels with a symbolic dimension are listed as skipped. Then
+not faster than the rule schedule keeps no record (--keep-slower keeps them). Kernels with a symbolic dimension
+are listed as skipped. Then
 `llmcc compile MODEL --target cpu --tuning-db DIR` uses the records whose target matches (llmcc.tuning.target_key).
 """
 

@@ -137,10 +137,11 @@ class CpuTiles:
 
 
 def cpu_tiles(spec: AttentionSpec) -> CpuTiles:
-    """Measured on AVX2 (2 cores, causal, seq 1024; /tmp sweeps recorded in bench/attention.md): 32 x 32 score
-    tiles beat 16 x 16 by 1.3-1.4x (the key tile's copy and the rescale amortise over more rows); keys per step must
-    be a multiple of 16 (two vectors) or the score loop stops vectorizing (2-3x slower). The value product keeps
-    ``rows`` x Dv accumulators in registers: two rows up to Dv = 32, one row above (16 ymm registers)."""
+    """Measured on AVX2 (2 cores, causal, seq 1024; ``tools/bench_attention.py --sweep``, bench/attention.md):
+    32 x 32 score tiles beat 16 x 16 by 1.3-1.5x (the key tile's copy and the rescale amortise over more rows);
+    keys per step must be a multiple of 16 (two vectors) or the score loop stops vectorizing (2-3x slower). The
+    value product keeps ``rows`` x Dv accumulators in registers: two rows up to Dv = 32, one row above (16 ymm
+    registers). 64-row tiles are a few percent faster at seq 1024 and waste more rows on short prompts."""
     rows = 2 if spec.value_dim <= 32 else 1
     if spec.q_len is not None and spec.q_len < 32:  # a decode step's single row: no padding rows in its tile
         return CpuTiles(tq=spec.q_len, tk=32, rows=1)
