@@ -75,3 +75,9 @@ def test_bench_attention_smoke(tmp_path):
     assert sites["llama"]["fused"] == sites["llama"]["sites"] == 2
     assert sites["bigbird"]["fused"] == sites["bigbird"]["sites"] == 8
     assert "| 512 |" in (tmp_path / "attention.md").read_text()
+
+
+def test_profile_lists_kernels(tmp_path):
+    r = _run(ROOT / "tools" / "profile.py", "llama", "--seq", "16", "--runs", "2", "--top", "40")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "ms per run" in r.stdout and "flash_attention_causal" in r.stdout

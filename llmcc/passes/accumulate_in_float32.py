@@ -1,9 +1,9 @@
 """accumulate_in_float32: half-precision matmuls sum their products in float32, then round the result once.
 
 ``R.matmul`` on float16/bfloat16 operands legalizes to a TE sum in the operands' dtype: every partial sum is
-rounded to 11 (or 8) significant bits, so the error grows with K. An fp16 Llama exported from torch came out 5x
-further from torch than onnxruntime's (relative 3.6e-3 vs 7.6e-4), which accumulates in float32. This pass asks for a
-float32 output and casts it back: the same memory traffic, one rounding per output.
+rounded to 11 (or 8) significant bits, so the error grows with K: an fp16 Llama exported from torch came out several
+times further from torch than onnxruntime's run of it, which accumulates in float32. This pass asks for a float32
+output and casts it back: the same memory traffic, one rounding per output.
 
 Matches ``R.matmul(a, b)`` where a and b are float16 or bfloat16 and no out_dtype (or the operands' dtype) is set.
 
