@@ -120,3 +120,25 @@ def test_malformed_matmul_nbits_is_named():
     with pytest.raises(ImportFailure, match=r"cannot import ONNX op MatMulNBits \(node 'node_3', opset 17\): "
                                             r"missing attribute K"):
         llmcc.compile(_contrib_model("MatMulNBits", ["x"]), target="cpu")
+
+
+@pytest.mark.parametrize("in_shape, target, out_shape, sizes", [
+    (["s", 1], [2, 1, 4], [2, "s", 4], {"s": 5}),   # rank grows, a symbolic dim kept, a 1 broadcast
+    (["s"], [1, 1], [1, "s"], {"s": 7}),            # torch's position-ids expand: [1, s]
+    (["b", "s"], [1, 1], ["b", "s"], {"b": 2, "s": 3}),
+])
+def test_expand_of_symbolic_dims_to_a_constant_shape(in_shape, target, out_shape, sizes):
+    """Expand with a constant shape of a tensor with symbolic dims (TVM's converter reads every dim as a constant)."""
+    from onnx import TensorProto, helper, numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    shape = numpy_helper.from_array(np.array(target, np.int64), "shape")
+    graph = helper.make_graph([helper.make_node("Expand", ["x", "shape"], ["y"], name="expand")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, in_shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)], [shape])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    module = llmcc.compile(model, verify=False)
+    x = np.random.default_rng().standard_normal([sizes.get(d, d) for d in in_shape]).astype(np.float32)
+    ref = ReferenceEvaluator(model).run(None, {"x": x})[0]
+    got = module(x)
+    assert got.shape == ref.shape and np.array_equal(got, ref)

@@ -65,3 +65,33 @@ def test_untraceable_module_fails_in_one_line():
 def test_torch_module_needs_example_inputs():
     with pytest.raises(ImportFailure, match="needs example_inputs"):
         llmcc.compile(MLPBlock(), target="cpu")
+
+
+def test_qwen2_from_a_batch_one_example(seed):
+    """A transformers Qwen2 (GQA, qkv biases) traced from a batch-1 example: the batch stays static (torch.export
+    specializes a size-1 dim), the sequence stays symbolic, attention fuses, and it matches torch at other lengths."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.Qwen2Config(vocab_size=500, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    torch.manual_seed(seed)
+    hf = transformers.Qwen2ForCausalLM(cfg).eval()
+
+    class Logits(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids):
+            return self.model(input_ids=input_ids, use_cache=False).logits
+
+    wrapped = Logits(hf).eval()
+    example = torch.randint(0, 500, (1, 24))
+    module = llmcc.compile(wrapped, example_inputs=(example,))
+    assert tuple(module.inputs[0].shape) == (1, "sequence"), module.inputs[0].shape
+    assert [(s["kind"], s["fused"]) for s in module.report["attention"]] == [("causal+gqa", True)] * 2
+    rng = np.random.default_rng(seed)
+    for seq in (1, 9, 40):
+        ids = torch.from_numpy(rng.integers(0, 500, (1, seq)))
+        with torch.no_grad():
+            ref = wrapped(ids).numpy()
+        assert rel(module(ids.numpy()), ref) <= 1e-5, f"seed {seed} seq {seq}"

@@ -114,6 +114,40 @@ class Squeeze(_Delegating):
         return None
 
 
+class Expand(_Delegating):
+    """Expand to a constant shape of a tensor with symbolic dims (TVM's converter reads every data dim as a
+    constant). ONNX broadcasting, right-aligned: a target -1 or 1 keeps the data dim; a data dim 1 takes the target;
+    a symbolic data dim against a target > 1 takes the target (broadcast_to checks it at run time)."""
+
+    op_type = "Expand"
+
+    @classmethod
+    def _special(cls, bb, inputs, attr, params):
+        data, shape = inputs[0], inputs[1]
+        target = _const_list(shape)
+        ty = getattr(data, "ty", None)
+        if target is None or not isinstance(ty, relax.TensorType) or ty.shape is None:
+            return None
+        dims = list(ty.shape.values)
+        if all(isinstance(d, tvm.tirx.IntImm) for d in dims):
+            return None  # all static: TVM's converter handles it
+        rank = max(len(dims), len(target))
+        dims = [tvm.tirx.IntImm("int64", 1)] * (rank - len(dims)) + dims
+        target = [1] * (rank - len(target)) + [int(t) for t in target]
+        out = []
+        for d, t in zip(dims, target):
+            if t in (-1, 1):
+                out.append(d)
+            elif isinstance(d, tvm.tirx.IntImm) and int(d) not in (1, t):
+                return None  # not broadcastable: TVM's converter raises its message
+            else:
+                out.append(tvm.tirx.IntImm("int64", t))
+        if all(isinstance(a, tvm.tirx.IntImm) and isinstance(b, tvm.tirx.IntImm) and int(a) == int(b) or a.same_as(b)
+               for a, b in zip(out, dims)) and rank == len(ty.shape.values):
+            return data
+        return relax.op.broadcast_to(data, relax.ShapeExpr(out))
+
+
 def _prim_dtype(value) -> str:
     try:
         return str(value.dtype)
@@ -199,6 +233,7 @@ def _generic_tensorize(op_type: str):
 _TVM_MAP = tvm_onnx._get_convert_map()
 
 CONVERTERS: dict[str, type] = {
+    "Expand": Expand,
     "Range": Range,
     "Reshape": Reshape,
     "Unsqueeze": Unsqueeze,

@@ -25,14 +25,16 @@ def _input_names(module, count: int) -> list[str]:
 
 
 def _dynamic_shapes(example_inputs) -> tuple:
-    """Dim 0 of every tensor is 'batch' and dim 1 'sequence': the layout of token ids, masks and hidden states."""
+    """Dim 0 of every tensor is 'batch' and dim 1 'sequence': the layout of token ids, masks and hidden states.
+    A dim whose example size is 0 or 1 stays static: torch.export specializes such a dim and then refuses the whole
+    dynamic export (a batch-1 example would otherwise fall back to a fully static graph)."""
     shapes = []
     for x in example_inputs:
         dims = {}
-        if getattr(x, "ndim", 0) >= 1:
-            dims[0] = "batch"
-        if getattr(x, "ndim", 0) >= 2:
-            dims[1] = "sequence"
+        shape = tuple(getattr(x, "shape", ()))
+        for axis, name in ((0, "batch"), (1, "sequence")):
+            if len(shape) > axis and shape[axis] >= 2:
+                dims[axis] = name
         shapes.append(dims)
     return tuple(shapes)
 
