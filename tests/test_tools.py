@@ -78,6 +78,12 @@ def test_bench_attention_smoke(tmp_path):
 
 
 def test_profile_lists_kernels(tmp_path):
-    r = _run(ROOT / "tools" / "profile.py", "llama", "--seq", "16", "--runs", "2", "--top", "40")
+    r = _run(ROOT / "tools" / "profile_kernels.py", "llama", "--seq", "16", "--runs", "2", "--top", "40")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "ms per run" in r.stdout and "flash_attention_causal" in r.stdout
+
+
+def test_no_tool_shadows_a_standard_module():
+    """tools/ is sys.path[0] when a tool runs: a tools/profile.py made `import cProfile` (torch) load it instead."""
+    shadowing = [p.name for p in (ROOT / "tools").glob("*.py") if p.stem in sys.stdlib_module_names]
+    assert not shadowing, shadowing

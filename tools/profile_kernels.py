@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Profile a compiled model: time per kernel and per VM builtin, summed over runs (the VM's instrument hook).
 
-    python tools/profile.py gpt2                      # a zoo model, batch 1 x 128, cpu
-    python tools/profile.py minilm --seq 128 --batch 8 --top 20
-    python tools/profile.py model.onnx --dims batch=1,sequence=64
+    python tools/profile_kernels.py gpt2                      # a zoo model, batch 1 x 128, cpu
+    python tools/profile_kernels.py minilm --seq 128 --batch 8 --top 20
+    python tools/profile_kernels.py model.onnx --dims batch=1,sequence=64
 
 Prints the plain time of one run, the instrumented sum (the hook adds a little per call) and the slowest entries
 with their calls per run. It reports; nothing asserts a timing.
