@@ -76,14 +76,14 @@ def _print_summary(report: dict, path) -> None:
         print(_quant_summary(report["quant"]))
     for line in _lora_lines(report):
         print(f"LoRA: {line}")
-    for line in _attention_lines(report):
+    for line in attention_lines(report):
         print(f"attention: {line}")
     if "cuda_binary" in report:
         cb = report["cuda_binary"]
         print(f"CUDA binary: SASS {cb.get('sass_archs')}, PTX {cb.get('ptx_archs')}")
 
 
-def _attention_lines(report: dict) -> list[str]:
+def attention_lines(report: dict) -> list[str]:
     """One line per kind: how many sites were fused into which kernel, and why the others were not."""
     by_kind: dict = {}
     for site in report.get("attention", []):
@@ -189,7 +189,7 @@ def cmd_inspect(args) -> int:
         print(_quant_summary(report["quant"]))
     for line in _lora_lines(report):
         print(f"lora      {line}")
-    for line in _attention_lines(report):
+    for line in attention_lines(report):
         print(f"attention {line}")
     if "cuda_binary" in report:
         print(f"cuda      {report['cuda_binary']}")

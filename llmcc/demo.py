@@ -17,6 +17,7 @@ import numpy as np
 def demo(cuda: bool = True, model: str = "llama-gqa") -> int:
     import llmcc
     from llmcc import zoo
+    from llmcc.cli import attention_lines
     from llmcc.verify import relative_error
 
     print(f"[1/4] building zoo model '{model}' ({zoo.get(model).description})")
@@ -27,6 +28,8 @@ def demo(cuda: bool = True, model: str = "llama-gqa") -> int:
     module = llmcc.compile(path, target="cpu")
     v = module.report["verify"]
     print(f"      verify: passed={v['passed']} rel err {v['rel_err']:.2e} at sizes {v['cases']}")
+    for line in attention_lines(module.report):
+        print(f"      attention {line}")
 
     workdir = Path(tempfile.mkdtemp(prefix="llmcc-demo-"))
     try:

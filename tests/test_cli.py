@@ -98,3 +98,10 @@ def test_compile_says_what_attention_fusion_did(tmp_path):
     assert "attention:" not in r.stdout and "verify: PASSED" in r.stdout
     report = json.loads(run_cli("inspect", tmp_path / "u.llmcc", "--json").stdout)
     assert report["attention"] == [] and not any(k["name"].startswith("flash_attention") for k in report["kernels"])
+
+
+def test_demo_without_cuda_says_what_it_did():
+    r = run_cli("demo", "--no-cuda")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "demo: OK" in r.stdout and "verify: passed=True" in r.stdout
+    assert "attention causal+gqa: 2 of 2 sites fused (flash_attention_cpu)" in r.stdout, r.stdout
