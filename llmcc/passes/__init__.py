@@ -63,3 +63,19 @@ def bound_value(mutator, expr):
         value = mutator.lookup_binding(expr)
         return value if value is not None else expr
     return expr
+
+
+def rewrite_relax_functions(mutator, mod: tvm.IRModule) -> tuple[tvm.IRModule, int]:
+    """Run ``mutator`` (a PyExprMutator built on ``mod`` that counts its rewrites in ``mutator.rewrites``) over every
+    Relax function of ``mod``: (the module with the rewritten functions, the count); ``mod`` itself when none fired."""
+    from tvm import relax
+
+    changed = False
+    for gv, func in mod.functions.items():
+        if isinstance(func, relax.Function):
+            before = mutator.rewrites
+            new_func = mutator.visit_expr(func)
+            if mutator.rewrites > before:
+                mutator.builder_.update_func(gv, new_func)
+                changed = True
+    return (mutator.builder_.get() if changed else mod), mutator.rewrites

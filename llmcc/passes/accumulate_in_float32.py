@@ -23,7 +23,7 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-from llmcc.passes import LlmccPass, op_name
+from llmcc.passes import LlmccPass, op_name, rewrite_relax_functions
 
 HALF_DTYPES = ("float16", "bfloat16")
 
@@ -43,14 +43,14 @@ def _half_matmul(call) -> str | None:
 class _Widener(relax.PyExprMutator):
     def __init__(self, mod):
         super().__init__(mod)
-        self.widened = 0
+        self.rewrites = 0
 
     def visit_call_(self, call):
         call = self.visit_expr_post_order(call)
         dtype = _half_matmul(call)
         if dtype is None:
             return call
-        self.widened += 1
+        self.rewrites += 1
         wide = self.builder_.emit(relax.op.matmul(call.args[0], call.args[1], out_dtype="float32"))
         return relax.op.astype(wide, dtype)
 
@@ -59,13 +59,4 @@ class AccumulateInFloat32(LlmccPass):
     name = "accumulate_in_float32"
 
     def transform(self, mod: tvm.IRModule):
-        widener = _Widener(mod)
-        changed = False
-        for gv, func in mod.functions.items():
-            if isinstance(func, relax.Function):
-                before = widener.widened
-                new_func = widener.visit_expr(func)
-                if widener.widened > before:
-                    widener.builder_.update_func(gv, new_func)
-                    changed = True
-        return (widener.builder_.get() if changed else mod), widener.widened
+        return rewrite_relax_functions(_Widener(mod), mod)

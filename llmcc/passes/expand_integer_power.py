@@ -24,7 +24,7 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-from llmcc.passes import LlmccPass, const_array, op_name
+from llmcc.passes import LlmccPass, const_array, op_name, rewrite_relax_functions
 
 MAX_EXPONENT = 4
 
@@ -46,7 +46,7 @@ def _integer_exponent(call) -> int | None:
 class _PowerExpander(relax.PyExprMutator):
     def __init__(self, mod):
         super().__init__(mod)
-        self.expanded = 0
+        self.rewrites = 0
 
     def visit_call_(self, call):
         call = self.visit_expr_post_order(call)
@@ -59,7 +59,7 @@ class _PowerExpander(relax.PyExprMutator):
             out = self.builder_.emit(relax.op.multiply(out, x))
         if n < 0:
             out = relax.op.divide(relax.const(1.0, str(x.ty.dtype)), out)
-        self.expanded += 1
+        self.rewrites += 1
         return out  # x itself for n == 1: the binding becomes an alias
 
 
@@ -67,13 +67,4 @@ class ExpandIntegerPower(LlmccPass):
     name = "expand_integer_power"
 
     def transform(self, mod: tvm.IRModule):
-        expander = _PowerExpander(mod)
-        changed = False
-        for gv, func in mod.functions.items():
-            if isinstance(func, relax.Function):
-                before = expander.expanded
-                new_func = expander.visit_expr(func)
-                if expander.expanded > before:
-                    expander.builder_.update_func(gv, new_func)
-                    changed = True
-        return (expander.builder_.get() if changed else mod), expander.expanded
+        return rewrite_relax_functions(_PowerExpander(mod), mod)

@@ -26,7 +26,7 @@ import numpy as np
 from tvm import relax
 
 from llmcc.kernels.dequant_matmul import WeightFormat, dequant_matmul_te
-from llmcc.passes import LlmccPass, bound_value
+from llmcc.passes import LlmccPass, bound_value, rewrite_relax_functions
 from llmcc.passes import const_array as _const
 from llmcc.passes import op_name as _op_name
 
@@ -66,20 +66,15 @@ class FuseDequantizeMatmul(LlmccPass):
     name = "fuse_dequantize_matmul"
 
     def transform(self, mod):
-        rewriter = _Rewriter(mod)
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
-        if not rewriter.count:
-            return mod, 0
-        return relax.transform.DeadCodeElimination()(rewriter.builder_.get()), rewriter.count
+        mod, count = rewrite_relax_functions(_Rewriter(mod), mod)
+        return (relax.transform.DeadCodeElimination()(mod), count) if count else (mod, 0)
 
 
 @relax.expr_functor.mutator
 class _Rewriter(relax.PyExprMutator):
     def __init__(self, mod):
         super().__init__(mod)
-        self.count = 0
+        self.rewrites = 0
 
     def _lookup(self, expr):
         return bound_value(self, expr)
@@ -94,7 +89,7 @@ class _Rewriter(relax.PyExprMutator):
         matched = match_int8_weight(call.args[1], self._lookup)
         if matched is None:
             return call
-        self.count += 1
+        self.rewrites += 1
         q, scale = matched
         return self.builder_.call_te(dequant_matmul_te(INT8), call.args[0], relax.const(q), relax.const(scale),
                                      primfunc_name_hint="dequant_matmul_int8")
