@@ -10,9 +10,15 @@ Three parts, written to bench/attention.json and bench/attention.md:
 2. Zoo models end to end (llama, prefill 128 and 512 tokens; llama-decode, past 128): `llmcc.compile` with and
    without attention fusion.
 3. Sites per zoo model: how many attention sites each has, how many were fused, and the kinds.
+4. Block-sparse layouts at seq 2048: the block with a *constant* BigBird or Longformer block mask (block 64), fused
+   (the kernel walks the mask's tiles: kind block_sparse), fused with the same mask as an input (every tile), and
+   unfused; with the share of tiles walked.
+5. Operation counts per layout (no timing): matmul work of the block-sparse and sliding-window Triton kernels vs
+   dense attention at seq 4096 and 16384, and of the CPU kernel (its 32 x 32 tiles) on the same layouts.
 
-    python tools/bench_attention.py                 # all three
+    python tools/bench_attention.py                 # all of them
     python tools/bench_attention.py --sweep         # also the CPU kernel's tile sweep (cpu_tiles' choice)
+    python tools/bench_attention.py --only layouts,ops   # re-run parts, keeping the others from attention.json
 """
 
 from __future__ import annotations
@@ -30,19 +36,25 @@ from bench import ROOT, _cpu_name, _median_ms  # tools/ is not a package: import
 HEADS, HEAD_DIM = 4, 32
 
 
-def _block_module(dtype="float32"):
-    """The exported sdpa shape with a symbolic sequence length: scale on q and k^T, mask add, softmax, NaN guard."""
+def _block_module(dtype="float32", const_mask=None):
+    """The exported sdpa shape with a symbolic sequence length: scale on q and k^T, mask add, softmax, NaN guard.
+    With ``const_mask`` ([1, 1, S, S]) the length is static and the mask a constant, as a model that keeps a
+    block-sparse pattern in a buffer exports it."""
     import numpy as np
     import tvm
     from tvm import relax
 
-    seq = tvm.tirx.Var("seq", "int64")
+    seq = tvm.tirx.Var("seq", "int64") if const_mask is None else const_mask.shape[-1]
     bb = relax.BlockBuilder()
     t = relax.TensorType((1, HEADS, seq, HEAD_DIM), dtype)
     q, k, v = (relax.Var(n, t) for n in ("q", "k", "v"))
-    mask = relax.Var("mask", relax.TensorType((1, 1, seq, seq), dtype))
+    if const_mask is None:
+        mask = relax.Var("mask", relax.TensorType((1, 1, seq, seq), dtype))
+        params = [q, k, v, mask]
+    else:
+        mask, params = relax.const(const_mask.astype(dtype)), [q, k, v]
     half = relax.const(np.float32(HEAD_DIM ** -0.25).astype(dtype))
-    with bb.function("main", [q, k, v, mask]):
+    with bb.function("main", params):
         with bb.dataflow():
             qs = bb.emit(relax.op.multiply(q, half))
             kt = bb.emit(relax.op.multiply(bb.emit(relax.op.permute_dims(k, [0, 1, 3, 2])), half))
@@ -54,7 +66,7 @@ def _block_module(dtype="float32"):
     return bb.get()
 
 
-def _build_block(fused: bool):
+def _build_block(fused: bool, const_mask=None):
     import tvm
     from tvm import relax
 
@@ -62,9 +74,12 @@ def _build_block(fused: bool):
     from llmcc.targets import resolve
 
     spec = resolve("cpu")
-    result = pipeline.run(_block_module(), spec, pipeline.PipelineOptions(fuse_attention=fused))
+    result = pipeline.run(_block_module(const_mask=const_mask), spec, pipeline.PipelineOptions(fuse_attention=fused))
     vm = relax.VirtualMachine(tvm.compile(result.mod, target=spec.tvm_target(), relax_pipeline=None), tvm.cpu())
-    return vm["main"], result
+    if not result.weights:
+        return vm["main"], result
+    main, weights = vm["main"], [tvm.runtime.tensor(w) for _, w in result.weights]  # the lifted constants
+    return (lambda *inputs: main(*inputs, *weights)), result
 
 
 def _block_inputs(seq: int):
@@ -118,6 +133,73 @@ def bench_block(seqs, rounds: int, repeat: int) -> list[dict]:
                      "unfused_peak_mb": peaks["unfused"], "scores_mb": HEADS * seq * seq * 4 / 2 ** 20,
                      "max_rel_diff": err})
         print(rows[-1], flush=True)
+    return rows
+
+
+LAYOUT_SEQ, LAYOUT_BLOCK = 2048, 64
+
+
+def _layouts(seq: int, block: int) -> dict:
+    """name -> [1, nb, nb] bool block layout: BigBird (window 3 blocks, first and last global, 3 random per row) and
+    Longformer (a band of 512 tokens each side plus the first block global)."""
+    from llmcc.kernels import block_sparse_attention as bsa
+
+    nb = seq // block
+    return {"bigbird": bsa.bigbird_layout(nb, 3, 2, 3, seed=0).numpy(),
+            "longformer": bsa.longformer_layout(nb, 2 * (512 // block) + 1, (0,)).numpy()}
+
+
+def bench_layouts(rounds: int, repeat: int, seq: int = LAYOUT_SEQ, block: int = LAYOUT_BLOCK) -> list[dict]:
+    import numpy as np
+    import tvm
+
+    rows = []
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((1, HEADS, seq, HEAD_DIM)).astype(np.float32) for _ in range(3))
+    for name, layout in _layouts(seq, block).items():
+        keep = layout.repeat(block, 1).repeat(block, 2)[None]
+        mask = np.where(keep, 0, np.finfo(np.float32).min).astype(np.float32)
+        layout_fn, result = _build_block(True, const_mask=mask)
+        (site,) = result.attention
+        variants = {"layout": (layout_fn, [q, k, v]), "every tile": (_build_block(True)[0], [q, k, v, mask]),
+                    "unfused": (_build_block(False, const_mask=mask)[0], [q, k, v])}
+        args = {n: [tvm.runtime.tensor(a) for a in a_] for n, (_, a_) in variants.items()}
+        outs = {n: fn(*args[n]).numpy() for n, (fn, _) in variants.items()}
+        err = max(float(np.abs(outs[n] - outs["unfused"]).max() / np.abs(outs["unfused"]).max()) for n in outs)
+        best = {}
+        for _ in range(rounds):
+            for n, (fn, _) in variants.items():
+                ms, _n = _median_ms(lambda: fn(*args[n]), repeat)
+                best[n] = min(best.get(n, 1e30), ms)
+        tiles = layout.repeat(block // 32, 1).repeat(block // 32, 2)
+        rows.append({"layout": name, "seq": seq, "block": block, "kind": site["kind"], "kernel": site["kernel"],
+                     "tiles_walked": float(tiles.mean()), "layout_ms": best["layout"],
+                     "every_tile_ms": best["every tile"], "unfused_ms": best["unfused"], "max_rel_diff": err})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def op_counts(seqs=(4096, 16384), block: int = 64, head_dim: int = 64) -> list[dict]:
+    """Work per (batch, head) of each layout vs dense: block-sparse layouts through block_sparse_op_count (Triton
+    kernel, 64-token blocks), a causal sliding window through sliding_window_op_count, and the CPU kernel's
+    32 x 32 tiles of the same layouts."""
+    import torch
+
+    from llmcc.kernels import block_sparse_attention as bsa
+    from llmcc.kernels import sliding_window_attention as swa
+
+    rows = []
+    for seq in seqs:
+        for name, layout in _layouts(seq, block).items():
+            c = bsa.block_sparse_op_count(torch.from_numpy(layout), block, head_dim)
+            cpu = layout.repeat(block // 32, 1).repeat(block // 32, 2)
+            rows.append({"layout": name, "seq": seq, "gflop": c["flops"] / 1e9, "dense_gflop": c["dense_flops"] / 1e9,
+                         "density": c["density"], "cpu_tiles_share": float(cpu.mean())})
+        for window in (1024, 4096):
+            c = swa.sliding_window_op_count(seq, seq, window, head_dim)
+            rows.append({"layout": f"sliding window {window} (causal)", "seq": seq, "gflop": c["flops"] / 1e9,
+                         "dense_gflop": c["dense_flops"] / 1e9, "density": c["flops"] / c["dense_flops"],
+                         "cpu_tiles_share": None})
     return rows
 
 
@@ -193,20 +275,38 @@ def markdown(result: dict) -> str:
            "## Attention block (q, k, v [1, 4, S, 32], mask [1, 1, S, S] as an input)", "",
            "| seq | fused ms | unfused ms | speedup | fused peak MB | unfused peak MB | one fp32 score matrix MB "
            "| max rel diff |", "|---|---|---|---|---|---|---|---|"]
-    for r in result["block"]:
+    for r in result.get("block", []):
         out.append(f"| {r['seq']} | {r['fused_ms']:.2f} | {r['unfused_ms']:.2f} | {r['speedup']:.2f}x | "
                    f"{r['fused_peak_mb']:.1f} | {r['unfused_peak_mb']:.1f} | {r['scores_mb']:.0f} | "
                    f"{r['max_rel_diff']:.1e} |")
     out += ["", "## Zoo models end to end", "", "| model | seq | fused ms | unfused ms | speedup |",
             "|---|---|---|---|---|"]
-    for r in result["zoo"]:
+    for r in result.get("zoo", []):
         out.append(f"| {r['model']} | {r['seq']} | {r['fused_ms']:.2f} | {r['unfused_ms']:.2f} | "
                    f"{r['speedup']:.2f}x |")
     out += ["", "## Attention sites per zoo model", "", "| model | sites | fused | kinds | why not fused |",
             "|---|---|---|---|---|"]
-    for r in result["sites"]:
+    for r in result.get("sites", []):
         out.append(f"| {r['model']} | {r['sites']} | {r['fused']} | {', '.join(r['kinds'])} | "
                    f"{'; '.join(r['unfused_reasons']) or '-'} |")
+    if result.get("layouts"):
+        out += ["", f"## Block-sparse layouts (a constant block mask, block {LAYOUT_BLOCK}, q, k, v [1, 4, S, 32])",
+                "", "Kind and kernel as the report says; *every tile*: the same mask as an input, so the fused kernel "
+                "cannot skip.", "",
+                "| layout | seq | kind (kernel) | tiles walked | layout ms | every tile ms | unfused ms | max rel diff |",
+                "|---|---|---|---|---|---|---|---|"]
+        for r in result["layouts"]:
+            out.append(f"| {r['layout']} | {r['seq']} | {r['kind']} ({r['kernel']}) | {r['tiles_walked']:.0%} | "
+                       f"{r['layout_ms']:.2f} | {r['every_tile_ms']:.2f} | {r['unfused_ms']:.2f} | "
+                       f"{r['max_rel_diff']:.1e} |")
+    if result.get("ops"):
+        out += ["", "## Operation counts per layout (per batch and head, head dim 64; arithmetic, no timing)", "",
+                "| layout | seq | GFLOP | dense GFLOP | work vs dense | CPU kernel tiles (32 x 32) |",
+                "|---|---|---|---|---|---|"]
+        for r in result["ops"]:
+            cpu = "-" if r["cpu_tiles_share"] is None else f"{r['cpu_tiles_share']:.1%}"
+            out.append(f"| {r['layout']} | {r['seq']} | {r['gflop']:.2f} | {r['dense_gflop']:.2f} | "
+                       f"{r['density']:.1%} | {cpu} |")
     if result.get("sweep"):
         out += ["", "## CPU kernel tile sweep (causal, seq 1024)", "", "| head dim | TQ | TK | rows | ms | GFLOP/s |",
                 "|---|---|---|---|---|---|"]
@@ -225,6 +325,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--sweep", action="store_true", help="also sweep the CPU kernel's tile configs")
+    parser.add_argument("--only", default="", help="comma list of parts to re-run (block, zoo, sites, layouts, ops, "
+                        "sweep); the others are kept from the existing attention.json")
     parser.add_argument("--out", default=str(ROOT / "bench"), help="folder for attention.json and attention.md")
     parser.add_argument("--peak-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -233,11 +335,20 @@ def main(argv=None) -> int:
         _peak_child(args.peak_child[0] == "fused", int(args.peak_child[1]))
         return 0
     cases = [(c.split(":")[0], int(c.split(":")[1])) for c in args.zoo.split(",") if c]
-    result = {"meta": {"cpu": _cpu_name(), "threads": args.threads, "rounds": args.rounds},
-              "block": bench_block([int(s) for s in args.seqs.split(",")], args.rounds, args.repeat),
-              "zoo": bench_zoo(cases, args.rounds, args.repeat), "sites": zoo_sites(),
-              "sweep": sweep() if args.sweep else []}
+    parts = {"block": lambda: bench_block([int(s) for s in args.seqs.split(",")], args.rounds, args.repeat),
+             "zoo": lambda: bench_zoo(cases, args.rounds, args.repeat), "sites": zoo_sites,
+             "layouts": lambda: bench_layouts(args.rounds, args.repeat), "ops": op_counts,
+             "sweep": lambda: sweep() if args.sweep or "sweep" in args.only else []}
+    only = [p for p in args.only.split(",") if p]
+    unknown = sorted(set(only) - set(parts))
+    if unknown:
+        parser.error(f"--only: unknown part(s) {', '.join(unknown)}; choose from {', '.join(parts)}")
     out = Path(args.out)
+    result = json.loads((out / "attention.json").read_text()) if only and (out / "attention.json").exists() else {}
+    result["meta"] = {"cpu": _cpu_name(), "threads": args.threads, "rounds": args.rounds}
+    for name, run in parts.items():
+        if not only or name in only:
+            result[name] = run()
     out.mkdir(parents=True, exist_ok=True)
     for name, text in (("attention.json", json.dumps(result, indent=1)), ("attention.md", markdown(result))):
         tmp = out / (name + ".tmp")

@@ -2,8 +2,9 @@
 """Check llmcc's CUDA flash-attention kernel (llmcc/kernels/flash_attention_cuda.py) on a GPU: build each spec for
 the local GPU's arch, run it on random inputs at several (Sq, Skv), compare with the float64 numpy reference, time
 it, print a table. Takes about a minute (16 kernels to build, a few ms of GPU time each). Specs named ``*_triton`` run
-the Triton sliding-window kernel as llmcc embeds it (llmcc/kernels/triton_embed.py: AOT cubin launched from TIR);
-``--emulate`` leaves them out (the emulator runs TIR only).
+the Triton sliding-window or block-sparse kernel as llmcc embeds it (llmcc/kernels/triton_embed.py: AOT cubin
+launched from TIR); ``--emulate`` leaves them out (the emulator runs TIR only). Block-sparse specs run their static
+length against a BigBird layout (``BIGBIRD_BLOCKS``), checked against the reference with the layout as a mask.
 
     python tools/gpu_check_attention.py                   # on a GPU machine: all specs, all sizes
     python tools/gpu_check_attention.py --specs decode    # some specs (names as in SPECS)
@@ -54,12 +55,16 @@ def _specs():
         "window_16_triton": S(8, 8, 64, 64, 0.125, causal=True, window=16),
         "window_gqa_f16_bnds_triton": S(8, 2, 64, 64, 0.125, causal=True, window=32, dtype="float16",
                                         q_layout="bsnd", k_layout="bnds", v_layout="bsnd", out_layout="bsnd"),
+        "bigbird_b64_triton": S(8, 8, 64, 64, 0.125, q_len=1024, block_layout=(64, 64, 1)),
+        "bigbird_heads_f16_b32_triton": S(8, 2, 64, 64, 0.125, q_len=4096, block_layout=(32, 32, 8),
+                                          dtype="float16", q_layout="bsnd", k_layout="bnds", out_layout="bsnd"),
     }
 
 
 SPECS = ("dense_f32_d64", "causal_bias_bnds_bsnd", "gqa_8q_2kv", "window_16", "decode", "decode_gqa_f16_d128",
          "causal_f16_d128", "dense_f32_d32", "dense_f32_d128", "bf16_bias_bsnd", "window_16_triton",
-         "window_gqa_f16_bnds_triton")  # the keys of _specs()
+         "window_gqa_f16_bnds_triton", "bigbird_b64_triton", "bigbird_heads_f16_b32_triton")  # _specs()' keys
+BIGBIRD_BLOCKS = dict(window_blocks=3, global_blocks=2, random_blocks=3)
 
 
 def _is_triton(name: str) -> bool:
@@ -89,6 +94,15 @@ def make_inputs(spec, sq: int, skv: int, batch: int = BATCH, seed: int = 0) -> d
         shape = (1 if bb else batch, 1 if bh else spec.num_heads, 1 if bq else sq, skv)
         arrays["Bias"] = rand(shape, 2.0)
         sizes.update(BB=shape[0], BH=shape[1], BQ=shape[2])
+    if spec.block_layout:
+        from llmcc.kernels import block_layout
+        from llmcc.kernels import block_sparse_attention as bsa
+
+        block, _, heads = spec.block_layout
+        layout = bsa.bigbird_layout(-(-sq // block), **BIGBIRD_BLOCKS, seed=seed, num_heads=heads).numpy()
+        arrays["Rows"], arrays["Cols"] = block_layout.layout_csr(layout)
+        keep = layout.repeat(block, 1).repeat(block, 2)[None, :, :sq, :skv]
+        arrays["Mask"] = np.where(keep, 0.0, -np.inf)  # for the reference only
     out_shape = axes_index(spec.out_layout, batch, spec.num_heads, sq, spec.value_dim)
     arrays["O"] = np.full(out_shape, np.nan, dtype)
     return {"arrays": arrays, "sizes": sizes}
@@ -104,7 +118,8 @@ def reference(spec, arrays: dict):
         return None if name not in arrays else np.asarray(arrays[name], np.float64)
 
     with np.errstate(invalid="ignore", divide="ignore"):
-        ref = attention_reference(spec, f64("Q"), f64("K"), f64("V"), f64("Bias"))
+        ref = attention_reference(spec, f64("Q"), f64("K"), f64("V"),
+                                  f64("Mask") if spec.block_layout else f64("Bias"))
     return np.nan_to_num(np.asarray(ref, np.float64), nan=0.0)
 
 
@@ -135,7 +150,11 @@ class _GpuRunner:
         from llmcc.kernels import triton_embed
         from llmcc.kernels.flash_attention_cuda import flash_attention_cuda
 
-        func = (triton_embed.sliding_window_attention_func if triton else flash_attention_cuda)(spec, arch)
+        if triton:
+            func = (triton_embed.block_sparse_attention_func if spec.block_layout
+                    else triton_embed.sliding_window_attention_func)(spec, arch)
+        else:
+            func = flash_attention_cuda(spec, arch)
         mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
         executable = cuda.build(mod, arch)
         self.module = executable.mod
@@ -143,7 +162,8 @@ class _GpuRunner:
         for name, (cubin, types_, tags) in triton_embed.embedded_kernels(mod).items():
             self.module.import_module(triton_embed.cuda_module(name, cubin, types_, tags))
         self.dev = tvm.cuda(0)
-        self.order = ["Q", "K", "V"] + (["Bias"] if spec.bias is not None else []) + ["O"]
+        self.order = ["Q", "K", "V"] + (["Bias"] if spec.bias is not None else []) + \
+            (["Rows", "Cols"] if spec.block_layout else []) + ["O"]
 
     def __call__(self, arrays, sizes):
         import tvm
@@ -193,7 +213,12 @@ def run_checks(arch: str, specs=None, sizes=SIZES, emulate: bool = False, budget
             rows.append({"spec": name, "error": f"build: {type(exc).__name__}: {str(exc).strip()[:300]}"})
             log(json.dumps(rows[-1]))
             continue
-        if _is_triton(name):
+        if _is_triton(name) and spec.block_layout:
+            from llmcc.kernels.block_sparse_attention import BlockSparseAttentionConfig
+
+            c = BlockSparseAttentionConfig.get_default(block_size=spec.block_layout[0], head_dim=spec.head_dim)
+            tiles_text = f"triton block={spec.block_layout[0]} warps={c.num_warps}"
+        elif _is_triton(name):
             from llmcc.kernels.sliding_window_attention import SlidingWindowAttentionConfig
 
             c = SlidingWindowAttentionConfig.get_default(seq_q=spec.q_len, head_dim=spec.head_dim)
@@ -201,7 +226,7 @@ def run_checks(arch: str, specs=None, sizes=SIZES, emulate: bool = False, budget
         else:
             tiles = cuda_tiles(spec, arch)
             tiles_text = f"{tiles.mode} tq={tiles.tq} tk={tiles.tk} threads={tiles.threads}"
-        for sq, skv in sizes:
+        for sq, skv in ([(spec.q_len, spec.q_len)] if spec.block_layout else sizes):
             if spec.q_len is not None and sq != spec.q_len:
                 continue
             data = make_inputs(spec, sq, skv)

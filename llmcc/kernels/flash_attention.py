@@ -18,6 +18,11 @@ gets probability exactly 0; a key hidden by an additive bias gets ``exp(bias - m
 with HF's finite ``finfo.min`` masks the two agree except on rows that every key is masked from (padding rows,
 whose output nobody reads).
 
+A spec with a ``block_layout`` (block_q, block_k, layout heads) takes the layout's CSR (``layout_rows`` [L * nq + 1],
+``layout_cols``, int32; ``kernels.block_layout``) and walks only the key tiles listed for its query tile: the fusion
+pass builds it from a constant mask at the kernel's own tiles and still passes the mask, so the skipped tiles are
+exactly those the mask hides wholly.
+
 Layouts (strings of the axes in memory order; ``b`` batch, ``n`` head, ``s`` sequence, ``d`` head dim): q and v are
 ``bnsd`` or ``bsnd``; k is one of those or ``bnds`` (k^T, as the exported graph computes it); out is ``bnsd`` or
 ``bsnd``. The bias is ``[Bb, Hb, Sqb, Skv]`` with each of the first three dims either full or 1 (broadcast).
@@ -53,6 +58,9 @@ class AttentionSpec:
     v_layout: str = "bnsd"
     out_layout: str = "bnsd"
     q_len: int | None = None  # static query length (a decode step's 1), None when symbolic
+    # (block_q, block_k, layout_heads): the kernel walks only the key blocks a CSR layout lists per query block
+    # (layout_rows, layout_cols: int32 inputs; kernels.block_layout); layout_heads is 1 or num_heads
+    block_layout: tuple[int, int, int] | None = None
 
     @property
     def groups(self) -> int:
@@ -60,7 +68,8 @@ class AttentionSpec:
 
     @property
     def kind(self) -> str:
-        parts = (["sliding_window"] if self.window else ["causal"] if self.causal else []) + \
+        parts = (["block_sparse"] if self.block_layout else []) + \
+                (["sliding_window"] if self.window else ["causal"] if self.causal else []) + \
                 (["mask"] if self.bias is not None else []) + (["gqa"] if self.groups > 1 else [])
         return "+".join(parts) or "dense"
 
@@ -76,6 +85,12 @@ class AttentionSpec:
             return f"window {self.window} < 1"
         if self.dtype not in ("float32", "float16", "bfloat16"):
             return f"dtype {self.dtype} is not a float type the kernel computes in"
+        if self.block_layout is not None:
+            bq, bk, heads = self.block_layout
+            if min(bq, bk) < 1 or heads not in (1, self.num_heads):
+                return f"block layout {self.block_layout}: blocks >= 1 and layout heads 1 or {self.num_heads}"
+            if self.causal or self.window or self.q_len is None:
+                return "a block layout carries the whole mask of a static query length (no causal flag or window)"
         return None
 
 
@@ -154,6 +169,43 @@ def axes_index(layout: str, b, n, s, d):
     return tuple(where[c] for c in layout)
 
 
+def attention_prim_func(spec: AttentionSpec, body, *, attrs: dict | None = None):
+    """The PrimFunc of every attention kernel for ``spec``, around ``body(Q, K, V, Bias, Rows, Cols, O, B, SQ,
+    SKV)`` (a ``T.macro``): parameters ``(q, k, v, [bias], [layout_rows, layout_cols], out)`` with the bias only
+    when ``spec.bias`` and the CSR layout only when ``spec.block_layout``; B, Sq and Skv symbolic int64.
+
+    One signature for all kernels (CPU, CUDA, Triton launchers) so a site calls any of them alike. TVMScript fixes
+    a function's parameters where it is written, so the function is written with all of them and the ones
+    ``spec`` does not use are dropped after parsing (``body`` must not read them)."""
+    from tvm import tirx
+    from tvm.script import tirx as T
+
+    H, HKV, D, DV, dtype = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.value_dim, spec.dtype
+    ql, kl, vl, ol = spec.q_layout, spec.k_layout, spec.v_layout, spec.out_layout
+
+    @T.prim_func(private=True)
+    def flash_attention(q_h: T.handle, k_h: T.handle, v_h: T.handle, bias_h: T.handle, rows_h: T.handle,
+                        cols_h: T.handle, o_h: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+        B, SQ, SKV = T.int64(), T.int64(), T.int64()
+        BB, BH, BQ = T.int64(), T.int64(), T.int64()
+        NR, NNZ = T.int64(), T.int64()
+        Q = T.match_buffer(q_h, axes_index(ql, B, H, SQ, D), dtype)
+        K = T.match_buffer(k_h, axes_index(kl, B, HKV, SKV, D), dtype)
+        V = T.match_buffer(v_h, axes_index(vl, B, HKV, SKV, DV), dtype)
+        Bias = T.match_buffer(bias_h, (BB, BH, BQ, SKV), dtype)
+        Rows = T.match_buffer(rows_h, (NR,), "int32")
+        Cols = T.match_buffer(cols_h, (NNZ,), "int32")
+        O = T.match_buffer(o_h, axes_index(ol, B, H, SQ, DV), dtype)
+        body(Q, K, V, Bias, Rows, Cols, O, B, SQ, SKV)
+
+    f = flash_attention
+    keep = [0, 1, 2] + ([3] if spec.bias is not None else []) + ([4, 5] if spec.block_layout else []) + [6]
+    params = [f.params[i] for i in keep]
+    func = tirx.PrimFunc(params, f.body, f.ret_type, f.attrs)  # TVM 0.27: a param is its buffer
+    return func.with_attrs(attrs) if attrs else func
+
+
 def fast_exp(x):
     """exp(x) for float32 as a TIR expression that vectorizes: 2**n * p(r), x = n ln2 + r, |r| <= ln2 / 2, with
     Cephes' degree-7 polynomial (relative error ~1e-7). LLVM lowers T.exp to one libm call per element. Inputs
@@ -186,13 +238,15 @@ def flash_attention_cpu(spec: AttentionSpec, tiles: CpuTiles | None = None):
     causal = bool(spec.causal or spec.window)
     window = int(spec.window or 0)
     ql, kl, vl, ol = spec.q_layout, spec.k_layout, spec.v_layout, spec.out_layout
-    k_shape_layout = "bnds" if kl == "bnds" else kl
+    if spec.block_layout and spec.block_layout[:2] != (TQ, TK):
+        raise ValueError(f"block layout {spec.block_layout[:2]} is not the CPU kernel's ({TQ}, {TK}) tiles")
+    layout_heads = spec.block_layout[2] if spec.block_layout else 0
 
     def k_load(K, b, n, s, d):
-        return K[axes_index(k_shape_layout, b, n, s, d)]
+        return K[axes_index(kl, b, n, s, d)]
 
     def bias_term(Bias, b, h, i, j):
-        if Bias is None:
+        if spec.bias is None:
             return tirx.FloatImm(acc_t, 0.0)
         bb, bh, bq = spec.bias
         return tirx.Cast(acc_t, Bias[0 if bb else b, 0 if bh else h, 0 if bq else i, j])
@@ -213,8 +267,23 @@ def flash_attention_cpu(spec: AttentionSpec, tiles: CpuTiles | None = None):
         lo = tirx.Select(off >= 0, tirx.max(zero, i0 + off - window + 1), zero) if window else zero
         return lo, hi
 
+    def layout_row(h, i0, n_qt):
+        return (h if layout_heads > 1 else 0) * n_qt + i0 // TQ
+
+    def key_tiles(Rows, h, i0, n_qt, kv_lo, kv_hi):
+        """How many key tiles the query tile walks: those its layout row lists, else all in [lo, hi)."""
+        if layout_heads:
+            r = layout_row(h, i0, n_qt)
+            return tirx.Cast("int64", Rows[r + 1] - Rows[r])
+        return (tirx.max(kv_hi - kv_lo, tirx.IntImm("int64", 0)) + TK - 1) // TK
+
+    def key_tile_start(Rows, Cols, h, i0, n_qt, kv_lo, kt):
+        if layout_heads:
+            return tirx.Cast("int64", Cols[Rows[layout_row(h, i0, n_qt)] + tirx.Cast("int32", kt)]) * TK
+        return kv_lo + kt * TK
+
     @T.macro
-    def body(Q, K, V, Bias, O, B, SQ, SKV):
+    def body(Q, K, V, Bias, Rows, Cols, O, B, SQ, SKV):
         n_qt = (SQ + TQ - 1) // TQ
         for task in T.parallel(B * H * n_qt):
             b = task // (H * n_qt)
@@ -239,8 +308,8 @@ def flash_attention_cpu(spec: AttentionSpec, tiles: CpuTiles | None = None):
                 l[i] = T.float32(0)
                 for e in T.vectorized(DV):
                     acc[i, e] = T.float32(0)
-            for kt in T.serial((T.max(kv_hi - kv_lo, T.int64(0)) + TK - 1) // TK):
-                j0 = kv_lo + kt * TK
+            for kt in T.serial(key_tiles(Rows, h, i0, n_qt, kv_lo, kv_hi)):
+                j0 = key_tile_start(Rows, Cols, h, i0, n_qt, kv_lo, kt)
                 for d in T.serial(D):
                     for jj in T.vectorized(TK):
                         k_t[d, jj] = T.Cast(acc_t, k_load(K, b, h // G, T.min(j0 + jj, SKV - 1), d))
@@ -294,29 +363,7 @@ def flash_attention_cpu(spec: AttentionSpec, tiles: CpuTiles | None = None):
                         O[axes_index(ol, b, h, i0 + i, e)] = T.Cast(
                             dtype, T.Select(l[i] > T.float32(0), acc[i, e] / l[i], T.float32(0)))
 
-    if spec.bias is not None:
-        @T.prim_func(private=True)
-        def flash_attention(q_h: T.handle, k_h: T.handle, v_h: T.handle, bias_h: T.handle, o_h: T.handle):
-            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
-            B, SQ, SKV = T.int64(), T.int64(), T.int64()
-            BB, BH, BQ = T.int64(), T.int64(), T.int64()
-            Q = T.match_buffer(q_h, axes_index(ql, B, H, SQ, D), dtype)
-            K = T.match_buffer(k_h, axes_index(k_shape_layout, B, HKV, SKV, D), dtype)
-            V = T.match_buffer(v_h, axes_index(vl, B, HKV, SKV, DV), dtype)
-            Bias = T.match_buffer(bias_h, (BB, BH, BQ, SKV), dtype)
-            O = T.match_buffer(o_h, axes_index(ol, B, H, SQ, DV), dtype)
-            body(Q, K, V, Bias, O, B, SQ, SKV)
-    else:
-        @T.prim_func(private=True)
-        def flash_attention(q_h: T.handle, k_h: T.handle, v_h: T.handle, o_h: T.handle):
-            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
-            B, SQ, SKV = T.int64(), T.int64(), T.int64()
-            Q = T.match_buffer(q_h, axes_index(ql, B, H, SQ, D), dtype)
-            K = T.match_buffer(k_h, axes_index(k_shape_layout, B, HKV, SKV, D), dtype)
-            V = T.match_buffer(v_h, axes_index(vl, B, HKV, SKV, DV), dtype)
-            O = T.match_buffer(o_h, axes_index(ol, B, H, SQ, DV), dtype)
-            body(Q, K, V, None, O, B, SQ, SKV)
-    return flash_attention
+    return attention_prim_func(spec, body)
 
 
 # ----------------------------------------------------------------------------------------- wrapper
@@ -330,6 +377,19 @@ def flash_attention_kernel(spec: AttentionSpec, target) -> tuple[str, object]:
     if target is not None and target.is_gpu:
         from llmcc.kernels.flash_attention_cuda import flash_attention_cuda
 
+        if spec.block_layout:
+            # only the Triton kernel walks a layout: a spec it cannot build is refused (the caller keeps the mask)
+            from llmcc.kernels import triton_embed
+
+            if target.arch not in triton_embed.TRITON_ARCHS:
+                raise ValueError(f"the Triton kernel that walks block layouts is built for "
+                                 f"{', '.join(triton_embed.TRITON_ARCHS)}, not {target.arch}")
+            try:
+                return "triton", triton_embed.block_sparse_attention_func(spec, target.arch)
+            except ValueError:
+                raise
+            except Exception as exc:  # noqa: BLE001 (no Triton or ptxas here)
+                raise ValueError(f"Triton block-sparse kernel unavailable ({type(exc).__name__}: {exc})") from exc
         if spec.window:
             # sliding window without a bias tensor: the Triton kernel, AOT-compiled to a cubin inside the module
             from llmcc.kernels import triton_embed

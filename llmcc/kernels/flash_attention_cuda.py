@@ -56,7 +56,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
-from llmcc.kernels.flash_attention import NEG_LARGE, AttentionSpec, axes_index
+from llmcc.kernels.flash_attention import NEG_LARGE, AttentionSpec, attention_prim_func, axes_index
 
 __all__ = ["ARCHS", "SMEM_LIMIT", "CudaTiles", "cuda_tiles", "flash_attention_cuda", "shared_memory_bytes"]
 
@@ -181,7 +181,8 @@ def _vec_width(n: int, dtype: str) -> int:
 
 def flash_attention_cuda(spec: AttentionSpec, arch: str = "sm_80", tiles: CudaTiles | None = None):
     """The CUDA kernel for ``spec`` on ``arch`` (``"sm_80"`` .. ``"sm_90"``), same signature as the CPU kernel."""
-    problem = spec.check()
+    problem = spec.check() or ("a block layout: this kernel walks every key tile (block-sparse sites run the "
+                                "Triton kernel, or this one with the mask as a bias)" if spec.block_layout else None)
     if problem:
         raise ValueError(f"cannot build attention {spec}: {problem}")
     tiles = tiles or cuda_tiles(spec, arch)
@@ -214,7 +215,7 @@ class _Ctx:
 
     def bias_term(self, Bias, b, h, i, j):
         tirx = self.tirx
-        if Bias is None:
+        if self.spec.bias is None:
             return tirx.FloatImm("float32", 0.0)
         bb, bh, bq = self.spec.bias
         zero = tirx.IntImm("int64", 0)
@@ -314,36 +315,8 @@ def _loaders(c: _Ctx, nt: int):
 
 
 def _wrap(c: _Ctx, body):
-    """The PrimFunc around ``body(Q, K, V, Bias, O, B, SQ, SKV)``: the CPU kernel's exact signature."""
-    from tvm.script import tirx as T
-
-    H, HKV, D, DV, dtype = c.H, c.HKV, c.D, c.DV, c.dtype
-    spec = c.spec
-    ql, kl, vl, ol = spec.q_layout, c.kl, spec.v_layout, spec.out_layout
-
-    if spec.bias is not None:
-        @T.prim_func(private=True)
-        def flash_attention(q_h: T.handle, k_h: T.handle, v_h: T.handle, bias_h: T.handle, o_h: T.handle):
-            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
-            B, SQ, SKV = T.int64(), T.int64(), T.int64()
-            BB, BH, BQ = T.int64(), T.int64(), T.int64()
-            Q = T.match_buffer(q_h, axes_index(ql, B, H, SQ, D), dtype)
-            K = T.match_buffer(k_h, axes_index(kl, B, HKV, SKV, D), dtype)
-            V = T.match_buffer(v_h, axes_index(vl, B, HKV, SKV, DV), dtype)
-            Bias = T.match_buffer(bias_h, (BB, BH, BQ, SKV), dtype)
-            O = T.match_buffer(o_h, axes_index(ol, B, H, SQ, DV), dtype)
-            body(Q, K, V, Bias, O, B, SQ, SKV)
-    else:
-        @T.prim_func(private=True)
-        def flash_attention(q_h: T.handle, k_h: T.handle, v_h: T.handle, o_h: T.handle):
-            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
-            B, SQ, SKV = T.int64(), T.int64(), T.int64()
-            Q = T.match_buffer(q_h, axes_index(ql, B, H, SQ, D), dtype)
-            K = T.match_buffer(k_h, axes_index(kl, B, HKV, SKV, D), dtype)
-            V = T.match_buffer(v_h, axes_index(vl, B, HKV, SKV, DV), dtype)
-            O = T.match_buffer(o_h, axes_index(ol, B, H, SQ, DV), dtype)
-            body(Q, K, V, None, O, B, SQ, SKV)
-    return flash_attention
+    """The PrimFunc around ``body``: the CPU kernel's exact signature (flash_attention.attention_prim_func)."""
+    return attention_prim_func(c.spec, body)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -367,7 +340,7 @@ def _prefill_kernel(spec: AttentionSpec, t: CudaTiles):
     reverse = c.causal  # longest causal tiles first
 
     @T.macro
-    def body(Q, K, V, Bias, O, B, SQ, SKV):
+    def body(Q, K, V, Bias, Rows, Cols, O, B, SQ, SKV):
         for bx in T.thread_binding(T.max(B * H * _ceil_div(SQ, TQ), T.int64(1)), thread="blockIdx.x"):
             for ty in T.thread_binding(NY, thread="threadIdx.y"):
                 for tx in T.thread_binding(TX, thread="threadIdx.x"):
@@ -488,7 +461,7 @@ def _decode_kernel(spec: AttentionSpec, t: CudaTiles):
             "float32", scale)
 
     @T.macro
-    def body(Q, K, V, Bias, O, B, SQ, SKV):
+    def body(Q, K, V, Bias, Rows, Cols, O, B, SQ, SKV):
         for bx in T.thread_binding(T.max(B * H * _ceil_div(SQ, TQ), T.int64(1)), thread="blockIdx.x"):
             for w in T.thread_binding(NW, thread="threadIdx.y"):
                 for lane in T.thread_binding(WARP, thread="threadIdx.x"):

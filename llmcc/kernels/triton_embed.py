@@ -19,7 +19,10 @@ PTX only, and attaches the module to the IRModule being parsed, which the fuse_a
 
 ``sliding_window_attention_func(spec, arch)`` builds the PrimFunc for an ``AttentionSpec`` with a window: the same
 parameters as ``flash_attention_cuda`` for that spec (q, k, v, out; any of the spec's layouts, passed to the kernel
-as strides; symbolic int64 B, Sq, Skv), for specs without a bias tensor.
+as strides; symbolic int64 B, Sq, Skv), for specs without a bias tensor. ``block_sparse_attention_func(spec, arch)``
+does the same for a spec with a block layout: (q, k, v, layout_rows, layout_cols, out), the CSR layout at the
+kernel's block size (``kernels.block_layout``), the mask dropped. Both PrimFuncs come from
+``flash_attention.attention_prim_func``, the signature every attention kernel shares.
 """
 
 from __future__ import annotations
@@ -201,7 +204,7 @@ def sliding_window_attention_func(spec, arch: str = "sm_80"):
 
     from llmcc.kernels import _common
     from llmcc.kernels import sliding_window_attention as swa
-    from llmcc.kernels.flash_attention import axes_index
+    from llmcc.kernels.flash_attention import attention_prim_func
 
     tdt = _TIR_DTYPE[spec.dtype]
     config = swa.SlidingWindowAttentionConfig.get_default(seq_q=spec.q_len, head_dim=spec.head_dim)
@@ -217,7 +220,7 @@ def sliding_window_attention_func(spec, arch: str = "sm_80"):
     kern = aot_compile(swa._sliding_window_attention_kernel, sig, consts, arch, name=name,
                        num_warps=config.num_warps, num_stages=config.num_stages)
 
-    H, HKV, D, dtype = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.dtype
+    H, HKV, D = spec.num_heads, spec.num_kv_heads, spec.head_dim
     ql, kl, vl, ol = spec.q_layout, spec.k_layout, spec.v_layout, spec.out_layout
     window, qk_scale, block_m = int(spec.window), float(spec.scale) * _LOG2E, config.BLOCK_M
 
@@ -235,15 +238,89 @@ def sliding_window_attention_func(spec, arch: str = "sm_80"):
         grid = [tirx.Cast("int64", (SQ + block_m - 1) // block_m), B * H, tirx.const(1, "int64")]
         return launch(kern, grid, args)
 
-    @T.prim_func(private=True)
-    def triton_sliding_window_attention(q_h: T.handle, k_h: T.handle, v_h: T.handle, o_h: T.handle):
-        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
-        B, SQ, SKV = T.int64(), T.int64(), T.int64()
-        Q = T.match_buffer(q_h, axes_index(ql, B, H, SQ, D), dtype)
-        K = T.match_buffer(k_h, axes_index(kl, B, HKV, SKV, D), dtype)
-        V = T.match_buffer(v_h, axes_index(vl, B, HKV, SKV, D), dtype)
-        O = T.match_buffer(o_h, axes_index(ol, B, H, SQ, D), dtype)
+    @T.macro
+    def body(Q, K, V, Bias, Rows, Cols, O, B, SQ, SKV):
         if B * SQ > T.int64(0):
             T.evaluate(call(Q, K, V, O, B, SQ, SKV))
 
-    return mark(triton_sliding_window_attention, kern)
+    return mark(attention_prim_func(spec, body), kern)
+
+
+# ----------------------------------------------------------------------------------- block-sparse attention
+
+
+def block_sparse_unsupported(spec) -> str | None:
+    """Why the Triton block-sparse kernel cannot run ``spec`` (an AttentionSpec with a block layout), or None."""
+    if not spec.block_layout:
+        return "no block layout"
+    bq, bk, _ = spec.block_layout
+    if bq != bk or bq not in (16, 32, 64, 128):
+        return f"layout blocks {bq} x {bk}: the kernel takes square blocks of 16, 32, 64 or 128"
+    if spec.bias is not None:
+        return "an additive bias tensor (the kernel reads only the layout)"
+    if spec.value_dim != spec.head_dim:
+        return f"value dim {spec.value_dim} != head dim {spec.head_dim}"
+    if spec.dtype not in _TIR_DTYPE:
+        return f"dtype {spec.dtype}"
+    if not 1 <= spec.head_dim <= 256:
+        return f"head dim {spec.head_dim} outside [1, 256]"
+    return spec.check()
+
+
+def block_sparse_attention_func(spec, arch: str = "sm_80"):
+    """PrimFunc (q, k, v, layout_rows, layout_cols, out) launching the Triton block-sparse kernel for ``spec``
+    (``spec.block_layout`` = (block, block, layout heads); the CSR rows cover layout heads x query blocks) on
+    ``arch``; raises ValueError when ``block_sparse_unsupported``."""
+    why = block_sparse_unsupported(spec)
+    if why:
+        raise ValueError(f"Triton block-sparse kernel cannot take {spec.kind}: {why}")
+    import torch
+    from tvm import tirx
+    from tvm.script import tirx as T
+
+    from llmcc.kernels import _common
+    from llmcc.kernels import block_sparse_attention as bsa
+    from llmcc.kernels.flash_attention import attention_prim_func
+
+    block, _, layout_heads = spec.block_layout
+    tdt = _TIR_DTYPE[spec.dtype]
+    config = bsa.BlockSparseAttentionConfig.get_default(block_size=block, head_dim=spec.head_dim)
+    block_m, block_n = config.tiles(block)
+    consts = {"BLOCK_M": block_m, "BLOCK_N": block_n, "LAYOUT_BLOCK": block,
+              "BLOCK_D": _common.head_dim_block(spec.head_dim), "CAUSAL": False, "HAS_KV_LENS": False,
+              "INPUT_PRECISION": _common.input_precision(getattr(torch, spec.dtype), False)}
+    fn = _common.jit_function(bsa._block_sparse_attention_kernel)
+    ptr = "*" + tdt
+    sig = {n: "i32" for n in fn.arg_names if n not in consts}
+    sig.update({"Q": ptr, "K": ptr, "V": ptr, "Out": ptr, "RowPtr": "*i32", "ColIdx": "*i32", "KvLens": "*i32",
+                "qk_scale": "fp32"})
+    name = (f"llmcc_triton_bsa_{tdt}_d{spec.head_dim}_b{block}m{block_m}n{block_n}"
+            f"w{config.num_warps}s{config.num_stages}")
+    kern = aot_compile(bsa._block_sparse_attention_kernel, sig, consts, arch, name=name,
+                       num_warps=config.num_warps, num_stages=config.num_stages)
+
+    H, HKV, D = spec.num_heads, spec.num_kv_heads, spec.head_dim
+    ql, kl, vl, ol = spec.q_layout, spec.k_layout, spec.v_layout, spec.out_layout
+    qk_scale = float(spec.scale) * _LOG2E
+
+    def i32(x):
+        return tirx.Cast("int32", x)
+
+    def call(Q, K, V, Rows, Cols, O, B, SQ, SKV):
+        strides = []
+        for layout, heads, seq in ((ql, H, SQ), (kl, HKV, SKV), (vl, HKV, SKV), (ol, H, SQ)):
+            st = _strides(layout, B, heads, seq, D)
+            strides += [i32(st[c]) for c in "bnsd"]
+        num_q_blocks = i32((SQ + block - 1) // block)
+        args = [Q.data, K.data, V.data, O.data, Rows.data, Cols.data, Rows.data, *strides,
+                tirx.const(H, "int32"), tirx.const(H // HKV, "int32"), i32(SQ), i32(SKV), tirx.const(D, "int32"),
+                num_q_blocks, tirx.const(int(layout_heads > 1), "int32"), tirx.FloatImm("float32", qk_scale)]
+        grid = [tirx.Cast("int64", (SQ + block_m - 1) // block_m), B * H, tirx.const(1, "int64")]
+        return launch(kern, grid, args)
+
+    @T.macro
+    def body(Q, K, V, Bias, Rows, Cols, O, B, SQ, SKV):
+        if B * SQ > T.int64(0):
+            T.evaluate(call(Q, K, V, Rows, Cols, O, B, SQ, SKV))
+
+    return mark(attention_prim_func(spec, body), kern)

@@ -11,7 +11,10 @@ the kernel reads q and v before their BSNH -> BNSH permutes, k before torch's re
 un-repeated k/v heads under HF's repeat_kv (expand_dims, broadcast_to, reshape), so those copies disappear too.
 Sites of one spec share a kernel. The seq x seq scores never exist in memory. BigBird's block-sparse attention
 exports as several such sites over key blocks its own code gathered (global, window and random blocks): each is
-fused as it stands (kind "block_sparse"), so the work follows the gathered blocks, not seq^2.
+fused as it stands (kind "block_sparse"), so the work follows the gathered blocks, not seq^2. A site whose mask is
+a constant with wholly hidden tiles (a block-sparse pattern kept as a buffer; static shapes) is kind "block_sparse"
+too: the kernel gets the mask's tile layout in CSR form (two int32 constants, ``kernels.block_layout``) and walks only
+those tiles; on CUDA the Triton block-sparse kernel does, with the mask dropped, when the mask is uniform in blocks.
 
 Runs in the graph phase on the imported module, before lift_weights. Every site is reported in ``self.sites``:
 {"site", "kind", "fused", "reason", "kernel"}.
@@ -59,7 +62,8 @@ from tvm.sym.analyzer import Analyzer
 from tvm import relax
 from tvm.relax.dpl import is_const, is_op, wildcard
 
-from llmcc.kernels.flash_attention import AttentionSpec, flash_attention_kernel
+from llmcc.kernels import block_layout
+from llmcc.kernels.flash_attention import AttentionSpec, cpu_tiles, flash_attention_kernel
 from llmcc.passes import LlmccPass
 
 _Const = tvm.ir.GenericConst  # TVM 0.27: relax constants are tvm.ir.GenericConst(.value, .ty)
@@ -194,6 +198,7 @@ class _Site:
         self.kv_heads = 0
         self.spec: AttentionSpec | None = None
         self.drop_mask = False  # the kernel computes the mask itself (the causal window): the tensor is not read
+        self.layout = None  # (row_ptr, col_idx) int32 arrays: the tiles of a constant mask the kernel walks
         self.note = ""  # for a fused site: why it kept the TIR kernel where the Triton one was considered
 
 
@@ -491,6 +496,8 @@ class _SiteRewriter(relax.PyExprMutator):
             while _ndim(bias) < 4:
                 bias = self.builder_.emit(relax.op.expand_dims(bias, 0))
             args.append(bias)
+        if site.layout is not None:
+            args += [relax.const(a) for a in site.layout]
         out = relax.call_tir(self.kernels[spec], args, binding.var.ty)
         # Keep the site's output variable (a dataflow output stays one); only its value changes.
         self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(out)))
@@ -517,6 +524,45 @@ class FuseAttention(LlmccPass):
         if spec not in self._kernels:
             self._kernels[spec] = flash_attention_kernel(spec, self.target)
         return self._kernels[spec][1]
+
+    def _plan_block_layout(self, site: _Site, var2val) -> None:
+        """A site whose mask is a constant with wholly hidden tiles (a block-sparse pattern kept as a buffer) becomes
+        kind "block_sparse": its kernel walks only the tiles the mask leaves visible (kernels.block_layout). On the
+        CPU the flash kernel does so at its own tiles and still adds the mask; on CUDA the Triton block-sparse
+        kernel does so when the mask is uniform in blocks of 16..128 (the mask is then dropped), else
+        flash_attention_cuda computes every tile with the mask, and the site's reason says why."""
+        mask, spec = site.m.get("mask"), site.spec
+        const = mask if isinstance(mask, _Const) else var2val.get(mask)
+        skv = _shape(site.m["v"])[2]
+        if not isinstance(const, _Const) or spec.q_len is None or not isinstance(skv, tvm.tirx.IntImm) \
+                or spec.causal or spec.window:
+            return
+        values = const.value.numpy()
+        kind = "+".join(["block_sparse"] + [f for f in site.kind.split("+") if f == "gqa"])
+        if self.target is not None and self.target.is_gpu:
+            block = block_layout.uniform_block_size(values, spec.num_heads)
+            if block is None:
+                if block_layout.tile_layout(values, spec.num_heads, 16, 16) is not None:
+                    site.kind = kind
+                    site.note = ("kernel flash_attention_cuda over every tile, not triton: the constant mask is not "
+                                 "uniform in blocks of 16..128 (or not 0 where visible)")
+                return
+            layout = block_layout.tile_layout(values, spec.num_heads, block, block)
+            candidate = dataclasses.replace(spec, bias=None, block_layout=(block, block, layout.shape[0]))
+            try:
+                self._kernel_for(candidate)
+            except ValueError as exc:
+                site.kind = kind
+                site.note = f"kernel flash_attention_cuda over every tile, not triton: {exc}"
+                return
+            site.spec, site.drop_mask = candidate, True
+        else:
+            tiles = cpu_tiles(spec)
+            layout = block_layout.tile_layout(values, spec.num_heads, tiles.tq, tiles.tk)
+            if layout is None:
+                return
+            site.spec = dataclasses.replace(spec, block_layout=(tiles.tq, tiles.tk, layout.shape[0]))
+        site.kind, site.layout = kind, block_layout.layout_csr(layout)
 
     def _choose_triton(self, site: _Site, var2val, params) -> None:
         """On CUDA, a sliding-window site whose mask is exactly the causal window goes to the Triton kernel, which
@@ -579,7 +625,11 @@ class FuseAttention(LlmccPass):
                 continue
             reason = _check(site, var2val, consumers, outputs, params)
             if not reason:
+                self._plan_block_layout(site, var2val)
                 self._choose_triton(site, var2val, params)
+                if site.kind == "block_sparse" and site.layout is None and not site.note:
+                    site.note = ("dense pieces over key blocks the model's own code gathered (BigBird): the work "
+                                 "already follows its layout, so the dense kernel runs each piece")
             self._record(fname, probs_var, site.kind, not reason, reason or site.note, site.spec)
             if not reason:
                 plans[site.root_var] = site
