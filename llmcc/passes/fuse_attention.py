@@ -378,6 +378,48 @@ def _describe_unmatched(probs_var, probs, var2val) -> tuple[str, str]:
     return "unknown", "the softmax input is not (scaled) q @ k^T plus an additive mask"
 
 
+def _describe_longformer(probs, var2val) -> tuple[str, bool, str] | None:
+    """(kind, fused, reason) for HF Longformer's two softmax sites, which match no sdpa pattern; None for any other.
+
+    Longformer computes each token's scores against its 2w+1 neighbours by chunked q @ k^T matmuls, rolls them into
+    a [B, S, H, 2w+1] band with a diagonal mask (scatters into chunk tensors), concatenates the scores against the
+    global keys in front ([B, S, H, G + 2w+1]), takes one softmax, then multiplies slices of the probabilities with
+    chunked values. The global tokens' own queries attend to all keys separately: [B*H, G, S] scores masked with
+    where(padding, min, .) after scattering each row's global slots. G (the number of global tokens) is a ReduceMax
+    of the mask at run time."""
+    scores = _producer(probs.args[0], var2val)
+    shape = _shape(probs)
+    if shape is None or scores is None:
+        return None
+    if len(shape) == 4 and _op_name(scores) in ("relax.concat", "relax.add", "relax.scatter_nd"):
+        parts = list(scores.args[0].fields) if _op_name(scores) == "relax.concat" \
+            and isinstance(scores.args[0], relax.Tuple) else [probs.args[0]]
+        band = _shape(parts[-1])
+        width = band[-1] if band is not None and len(band) == 4 else None
+        if not isinstance(width, tvm.tirx.IntImm) or int(width) % 2 != 1 or not _same_dim(band[1], shape[1]) \
+                or isinstance(shape[1], tvm.tirx.IntImm) and int(width) >= int(shape[1]):
+            return None
+        built = {_op_name(c) for c in _upstream(parts[-1], var2val, limit=200)}
+        if not {"relax.scatter_nd"} & built or not {"relax.matmul", "relax.call_tir"} & built:
+            return None
+        window = (int(width) - 1) // 2
+        has_global = len(parts) > 1
+        kind = "sliding_window+global" if has_global else "sliding_window"
+        what = f"[B, S, H, {'G + ' if has_global else ''}{int(width)}]"
+        return kind, False, (f"chunked sliding-window scores (HF Longformer, {window} keys each side"
+                             f"{', global keys concatenated in front' if has_global else ''}): a {what} band built "
+                             "by chunked matmuls and diagonal scatters, not one q @ k^T; no kernel reads this layout")
+    if len(shape) == 3:
+        chain = _upstream(probs.args[0], var2val, through={"relax.reshape", "relax.where", "relax.permute_dims"},
+                          limit=8)
+        if any(_op_name(c) == "relax.scatter_nd" for c in chain) and \
+                any(_op_name(c) == "relax.where" for c in chain):
+            return "global", False, ("global-token queries (HF Longformer): 3-D [B*H, G, S] scores masked by "
+                                     "where(padding, min, .) after a scatter of each row's global slots, not the "
+                                     "4-D sdpa pattern (scaled q @ k^T + additive mask)")
+    return None
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Operands: where the kernel reads q, k and v from, without the copies the exported graph makes on the way.
 
@@ -572,6 +614,10 @@ class FuseAttention(LlmccPass):
         for probs_var in sorted(softmaxes, key=order.get):
             site = self._match(probs_var, var2val, consumers, patterns)
             if site is None:
+                longformer = _describe_longformer(var2val[probs_var], var2val)
+                if longformer is not None:
+                    self._record(fname, probs_var, *longformer)
+                    continue
                 if not any(self._value_matmuls(probs_var, var2val, consumers)):
                     continue  # a softmax that is no attention (classifier head, gating): not a site
                 kind, reason = _describe_unmatched(probs_var, var2val[probs_var], var2val)

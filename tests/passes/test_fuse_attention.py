@@ -141,12 +141,14 @@ EXPECTED = {
     "llama-decode": (2, 0, {"causal+gqa+kv_cache"}),
     "mistral": (2, 0, {"sliding_window+gqa"}),
     "bigbird": (8, 0, {"block_sparse"}),
+    "longformer": (0, 2, {"sliding_window+global", "global"}),
 }
 
 
 @pytest.mark.parametrize("name", list(EXPECTED))
 def test_zoo_sites(name):
-    """Every attention site of every zoo model fuses, BigBird's block-sparse pieces included."""
+    """Every attention site of every zoo model fuses, BigBird's block-sparse pieces included; Longformer's two sites
+    (chunked band, global-token queries) are recognised and reported unfused."""
     fused, unfused, kinds = EXPECTED[name]
     p = FuseAttention()
     after = p(import_model(load_model(zoo.onnx_path(name))))
@@ -208,3 +210,17 @@ def test_fp16_llama_fuses_and_matches_onnxruntime(tmp_path):
         assert got.dtype == np.float16
         err = relative_error(got.astype(np.float32), sess.run(None, feeds)[0].astype(np.float32))
         assert err <= 2e-3, f"seq {seq}: relative error vs onnxruntime fp16 {err:.3g}"
+
+
+def test_longformer_sites_are_named_and_explained():
+    """HF Longformer's softmaxes match no sdpa pattern: the local band (chunked q @ k^T, diagonal mask, global-key
+    scores concatenated in front) and the global tokens' own queries are reported by kind with why they stay."""
+    p = FuseAttention()
+    after = p(import_model(load_model(zoo.onnx_path("longformer"))))
+    assert p.rewrites == 0 == _attention_calls(after)
+    band, global_queries = p.sites
+    assert band["kind"] == "sliding_window+global" and not band["fused"] and band["kernel"] is None
+    assert band["reason"].startswith("chunked sliding-window scores")
+    assert "16 keys each side" in band["reason"] and "[B, S, H, G + 33]" in band["reason"]
+    assert global_queries["kind"] == "global" and not global_queries["fused"]
+    assert global_queries["reason"].startswith("global-token queries")
