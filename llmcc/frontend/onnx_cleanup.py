@@ -3,12 +3,12 @@
 Kept small on purpose: the graph stays as the exporter wrote it, except where TVM's importer needs help.
 
 - Shapes are inferred, so the importer sees ranks of intermediate values.
-- Shape of a value whose inferred shape is fully static is folded to a Constant, and so are small values computed
-  from constants alone: they are folded to Constant nodes. torch's TorchScript exporter computes
-  attributes-in-spirit, such as Pad's pads, as a chain of Concat / Reshape / Slice / Transpose / Cast over constants
-  (HF Longformer's sliding-window chunking); TVM's importer folds none of those, then refuses the op whose input must
-  be constant ("Dynamic pads are not supported yet"). Only outputs up to ``_FOLD_MAX_ELEMENTS`` elements are folded,
-  so weights and anything derived from them stay as the exporter wrote them.
+- Constant Shapes and small constant subgraphs become Constant nodes: Shape of a value whose inferred shape is fully
+  static, and any node whose inputs are all constants. torch's TorchScript exporter computes what is an attribute
+  in spirit, such as Pad's pads, as a chain of Shape / Concat / Reshape / Slice / Transpose / Cast over constants
+  (HF Longformer's sliding-window chunking); TVM's importer folds none of it, then refuses the op whose input must
+  be constant ("Dynamic pads are not supported yet"). Only outputs up to ``_FOLD_MAX_ELEMENTS`` elements are
+  folded, so weights and anything derived from them stay as the exporter wrote them.
 """
 
 from __future__ import annotations
@@ -22,8 +22,6 @@ _FOLD_MAX_ELEMENTS = 4096
 # Never folded: random or with a subgraph (their value is not a function of the inputs alone, or not one node's).
 _NOT_FOLDABLE = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli",
                  "Dropout", "If", "Loop", "Scan", "SequenceMap"}
-
-
 # Folding a Shape lets inference fix the next op's output shape, whose Shape folds in the next sweep.
 _MAX_SWEEPS = 4
 

@@ -159,7 +159,10 @@ class ConstantOfShape(_Delegating):
     broadcasts the 1-element ``value`` tensor, which fails when the shape is ``[]`` ("broadcast_to expects the input
     shape to have the number of ndim at least as the input tensor's"): torch's TorchScript exporter writes
     ``ConstantOfShape([])`` for every Python scalar it turns into a tensor (Longformer's masks are full of them).
-    A symbolic shape (a ShapeExpr) broadcasts the scalar; a run-time shape tensor stays TVM's case."""
+    A symbolic shape (a ShapeExpr) broadcasts the scalar; a shape tensor known only at run time (Longformer's global
+    keys, [1, max global tokens, heads, head dim]) gets symbolic dims (see _run_time_shape), where TVM's converter
+    gave a tensor of unknown shape that the next Shape/Slice refused ("Slice requires a statically known input
+    rank")."""
 
     op_type = "ConstantOfShape"
 
@@ -183,8 +186,9 @@ class ConstantOfShape(_Delegating):
 def _run_time_shape(bb: relax.BlockBuilder, shape) -> list | None:
     """The dims of a 1-D int64 shape tensor known only at run time (Longformer's [1, max global tokens, heads, head
     dim], whose middle entry is a ReduceMax of a mask): one PrimExpr per entry, bound by a match_cast of
-    tensor_to_shape(shape). An entry that is a constant inside the Concat building the tensor stays that constant, so
-    the result keeps every static dim; any other entry is a fresh symbolic dim. None when the length is unknown."""
+    tensor_to_shape(shape). An entry of the Concat building the tensor is read by _symbolic_int: a constant stays that
+    constant (the result keeps every static dim), a run-time value gets its one symbolic dim; when the tensor is not
+    such a Concat every entry is a fresh dim. None when the length is unknown."""
     shape = bb.normalize(shape)
     ty = getattr(shape, "ty", None)
     if not isinstance(ty, relax.TensorType) or ty.ndim != 1 or ty.shape is None \
@@ -288,7 +292,8 @@ class Slice(_Delegating):
     """Slice whose starts/ends are run-time values that _symbolic_int can name (Longformer's
     ``probs[..., :max_global]`` and ``probs[..., max_global:]``): a strided_slice with symbolic bounds, so the result
     keeps its shape. TVM's converter makes those a dynamic_strided_slice whose result has no shape at all, which
-    FoldConstant and every later shape-reading pass refuse. Axes and steps must be constant."""
+    FoldConstant and every later shape-reading pass refuse. Axes and steps must be constant, one axis, step 1; a
+    symbolic bound is a count or a dim, so it is taken as non-negative (a negative constant counts from the end)."""
 
     op_type = "Slice"
 
