@@ -231,30 +231,6 @@ def test_longformer_sites_are_named_and_explained():
     assert len(softmaxes) == 1  # the band's
 
 
-def test_longformer_numerics_match_onnxruntime():
-    """With the global-token queries fused, Longformer matches onnxruntime (fp32 rel err <= 1e-5) on fresh random
-    inputs, padded and full."""
-    import onnxruntime as ort
-
-    path = zoo.onnx_path("longformer")
-    p = FuseAttention()
-    spec = llmcc.targets.resolve("cpu")
-    result = llmcc.pipeline.run(p(import_model(load_model(path))), spec)
-    assert p.rewrites == 1
-    vm = relax.VirtualMachine(tvm.compile(result.mod, target=spec.tvm_target(), relax_pipeline=None), tvm.cpu())
-    weights = [tvm.runtime.tensor(w) for _, w in result.weights]
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    seed = int(np.random.default_rng().integers(1 << 31))
-    for i in range(3):
-        feeds = zoo.sample_inputs("longformer", 128, seed=seed + i)
-        if i == 2:
-            feeds["attention_mask"][:] = 1
-        got = vm["main"](*(tvm.runtime.tensor(v) for v in feeds.values()), *weights).numpy()
-        ref = sess.run(None, feeds)[0]
-        rel = np.abs(got - ref).max() / np.abs(ref).max()
-        assert rel <= 1e-5, f"seed {seed + i}: rel err {rel:.3g}"
-
-
 def _global_query_chain(scatter_fill: float, mask_fill: float, heads=2, g=3, s=8, d=4):
     """Longformer's global-query chain in Relax, small: 3-D scores, a scatter of ``scatter_fill`` at given element
     indices, where(padding, ``mask_fill``, .), softmax, a cast, the value matmul."""
