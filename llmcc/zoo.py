@@ -303,8 +303,9 @@ _LONGFORMER = dict(
     vocab_size=1000,
     hidden_size=128,
     intermediate_size=256,
-    # One layer: with two, torch's TorchScript exporter loses the second layer's shapes after the first one's
-    # data-dependent global-token scatter and refuses its Unfold ("input size not accessible").
+    # One layer: with two, torch's TorchScript exporter loses the second layer's query shape once the first layer
+    # has run its global-token code, and refuses its Unfold ("input size not accessible"); two layers without
+    # global tokens export fine, and pinning the layer's input shape with a hook does not help.
     num_hidden_layers=1,
     num_attention_heads=4,
     max_position_embeddings=514,
