@@ -22,6 +22,9 @@ What the graphs look like (all fp32, opset chosen by the exporter, one self-cont
   from the length (and traces 4x slower with a symbolic batch). At or below (5 + 2 * num_random_blocks) *
   block_size = 144 tokens HF silently falls back to full attention (the wrapper raises if that happens). In eval
   mode HF makes the "random" blocks deterministic: every random block is block 0.
+- Longformer is exported at one shape, batch 1 x 128 tokens, with torch's TorchScript exporter (torch.export stops
+  at HF's data-dependent `.item()`): sliding-window attention (16 keys each side, HF's chunked matmuls) plus token 0
+  as a global token (fixed in the wrapper). Its global-token code sizes tensors by a ReduceMax of the mask at run time.
 - llama-decode is one decode step with a KV cache (same config and weights as llama-gqa): ``present.N.*`` has
   ``past_sequence + 1`` positions. Every row of the batch has the same past length (no padding, no mask input).
 """
@@ -169,7 +172,25 @@ def _wrappers() -> SimpleNamespace:
                 raise RuntimeError(f"BigBird fell back to {self.hf.attention_type!r} attention")
             return (out.last_hidden_state,)
 
-    return SimpleNamespace(CausalLM=CausalLM, DecodeStep=DecodeStep, SentenceEncoder=SentenceEncoder, BigBird=BigBird)
+    class Longformer(torch.nn.Module):
+        """input_ids, attention_mask [1, 128] -> last_hidden_state, through sliding-window attention with token 0
+        (CLS) global, as LongformerForSequenceClassification sets it when given no global mask."""
+
+        def __init__(self, hf):
+            super().__init__()
+            self.hf = hf
+
+        def forward(self, input_ids, attention_mask):
+            # Fixed here, not a model input: the TorchScript trace bakes the number of global tokens into a view
+            # (len() of a nonzero), so a graph taking the global mask would only be right for one count.
+            global_attention_mask = torch.zeros_like(input_ids)
+            global_attention_mask[:, 0] = 1
+            out = self.hf(input_ids=input_ids, attention_mask=attention_mask,
+                          global_attention_mask=global_attention_mask)
+            return (out.last_hidden_state,)
+
+    return SimpleNamespace(CausalLM=CausalLM, DecodeStep=DecodeStep, SentenceEncoder=SentenceEncoder, BigBird=BigBird,
+                           Longformer=Longformer)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -242,6 +263,15 @@ def _build_bigbird(config: dict[str, Any]):
     return _wrappers().BigBird(hf).eval()
 
 
+def _build_longformer(config: dict[str, Any]):
+    from transformers import LongformerConfig, LongformerModel
+
+    with _quiet_transformers():
+        cfg = LongformerConfig(**config["hf"], attn_implementation="eager")
+        hf = _seeded(lambda: LongformerModel(cfg, add_pooling_layer=False)).eval()
+    return _wrappers().Longformer(hf).eval()
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Registry.
 
@@ -269,6 +299,21 @@ _BIGBIRD = dict(
     num_random_blocks=2,
 )
 _BIGBIRD_SEQ = 256  # 16 blocks; block-sparse needs more than (5 + 2 * 2) * 16 = 144 tokens
+_LONGFORMER = dict(
+    vocab_size=1000,
+    hidden_size=128,
+    intermediate_size=256,
+    # One layer: with two, torch's TorchScript exporter loses the second layer's query shape once the first layer
+    # has run its global-token code, and refuses its Unfold ("input size not accessible"); two layers without
+    # global tokens export fine, and pinning the layer's input shape with a hook does not help.
+    num_hidden_layers=1,
+    num_attention_heads=4,
+    max_position_embeddings=514,
+    attention_window=32,  # 16 keys each side
+    # HF's chunking otherwise uses as_strided on a non-contiguous view, which the exporter writes wrongly (7e-4).
+    onnx_export=True,
+)
+_LONGFORMER_SEQ = 128  # a multiple of the window: HF pads to it otherwise
 
 
 def _ids(shape):
@@ -368,6 +413,26 @@ def _bigbird() -> ZooModel:
     )
 
 
+def _longformer() -> ZooModel:
+    # Fully static and exported with TorchScript: torch.export stops at HF's `.item()` on the global mask.
+    dims = (1, _LONGFORMER_SEQ)
+    return ZooModel(
+        name="longformer",
+        description=f"LongformerModel, 1 layer, hidden 128, 4 heads, window 32 (16 each side), token 0 global, at a "
+        f"fixed batch 1 x {_LONGFORMER_SEQ} tokens",
+        family="longformer",
+        dynamic_dims=(),
+        seq_lens=(_LONGFORMER_SEQ,),
+        inputs=(_ids(dims), _mask(dims)),
+        outputs=(TensorSpec("last_hidden_state", "float32", (1, _LONGFORMER_SEQ, _LONGFORMER["hidden_size"])),),
+        vocab_size=_LONGFORMER["vocab_size"],
+        seq_dim=None,
+        max_seq_len=_LONGFORMER_SEQ,
+        config={"hf": _LONGFORMER, "exporter": "torchscript"},
+        build=_build_longformer,
+    )
+
+
 _PREFILL_SEQ_LENS = (1, 16, 37, 128)
 
 ZOO: dict[str, ZooModel] = {
@@ -391,6 +456,7 @@ ZOO: dict[str, ZooModel] = {
         ),
         _minilm(),
         _bigbird(),
+        _longformer(),
         _llama_decode(),
     )
 }  # fmt: skip
@@ -534,6 +600,19 @@ def _export(model: ZooModel, module, dest: Path) -> None:
     params = list(inspect.signature(module.forward).parameters.values())
     if params and params[-1].kind is inspect.Parameter.VAR_POSITIONAL:
         per_input = (*per_input[: len(params) - 1], per_input[len(params) - 1 :])
+    if model.config.get("exporter") == "torchscript":
+        with _quiet_export(), _quiet_transformers(), torch.no_grad():
+            torch.onnx.export(module, args, str(dest), dynamo=False, opset_version=17,
+                              input_names=list(model.input_names), output_names=list(model.output_names))
+        # The exporter's shape inference stops at data-dependent ops and names the output dims it lost
+        # ("Slicelast_hidden_state_dim_1"); the spec's fixed dims are the real ones (test_onnx_matches_torch).
+        proto = onnx.load(str(dest))
+        for spec, info in zip(model.outputs, proto.graph.output):
+            for dim, want in zip(info.type.tensor_type.shape.dim, spec.shape):
+                if isinstance(want, int):
+                    dim.dim_value = want
+        onnx.save(proto, str(dest))
+        return
     with _quiet_export(), _quiet_transformers(), torch.no_grad():
         program = torch.onnx.export(
             module,

@@ -142,3 +142,134 @@ def test_expand_of_symbolic_dims_to_a_constant_shape(in_shape, target, out_shape
     ref = ReferenceEvaluator(model).run(None, {"x": x})[0]
     got = module(x)
     assert got.shape == ref.shape and np.array_equal(got, ref)
+
+
+def _run_both(model, feeds):
+    """llmcc's compiled module and onnx's reference evaluator on the same feeds."""
+    from onnx.reference import ReferenceEvaluator
+
+    module = llmcc.compile(model, verify=False)
+    got = module(**feeds)
+    got = list(got) if isinstance(got, tuple) else [got]
+    return got, ReferenceEvaluator(model).run(None, feeds)
+
+
+def test_constant_of_shape_of_the_empty_shape_is_a_scalar():
+    """TorchScript writes ConstantOfShape([]) for every Python scalar it makes a tensor (HF Longformer's masks);
+    TVM's converter broadcast the 1-element value to rank 0 and failed."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [
+        helper.make_node("Constant", [], ["empty"], value=numpy_helper.from_array(np.zeros(0, np.int64))),
+        helper.make_node("ConstantOfShape", ["empty"], ["flag"], name="cos",
+                         value=numpy_helper.from_array(np.array([True]))),
+        helper.make_node("Cast", ["flag"], ["one"], to=TensorProto.FLOAT),
+        helper.make_node("Add", ["x", "one"], ["y"]),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = np.random.default_rng().standard_normal(3).astype(np.float32)
+    (got,), (ref,) = _run_both(model, {"x": x})
+    assert np.array_equal(got, ref)
+
+
+def _global_token_graph():
+    """Longformer's global-token shape arithmetic, small: G = max over rows of the mask's count (a ReduceMax known
+    only at run time) sizes a ConstantOfShape, a Concat with x, Slices up to and from G (the second one's end is
+    G + (dim - G), as HF's narrow writes it), a Reshape to a run-time shape, and a Pad whose pads are a Concat of
+    constants (folded before import)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    def const(name, value):
+        return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.asarray(value, np.int64)))
+
+    nodes = [
+        const("one", [1]), const("four", [4]), const("zero1", [0]), const("axis1", [1]), const("axis0", [0]),
+        const("big", [np.iinfo(np.int64).max]), const("two", [2]), const("zero", 0), const("pads_a", [0, 0, 0]),
+        const("pads_b", [0, 1, 0]),
+        helper.make_node("ReduceSum", ["mask", "axis1"], ["count"], keepdims=0),
+        helper.make_node("ReduceMax", ["count"], ["g"], keepdims=0),
+        helper.make_node("Unsqueeze", ["g", "axis0"], ["g1"]),
+        helper.make_node("Concat", ["one", "g1", "four"], ["shape"], axis=0),
+        helper.make_node("ConstantOfShape", ["shape"], ["fill"], value=numpy_helper.from_array(np.array([0.5],
+                                                                                                    np.float32))),
+        helper.make_node("Concat", ["fill", "x"], ["both"], axis=1),
+        helper.make_node("Slice", ["both", "zero1", "g1", "axis1"], ["head"]),
+        helper.make_node("Shape", ["both"], ["both_shape"]),
+        helper.make_node("Slice", ["both_shape", "axis1", "two"], ["len1"]),
+        helper.make_node("Squeeze", ["len1"], ["len"]),
+        helper.make_node("Sub", ["len", "g"], ["rest"]),
+        helper.make_node("Add", ["g", "rest"], ["end"]),
+        helper.make_node("Unsqueeze", ["end", "axis0"], ["end1"]),
+        helper.make_node("Slice", ["both", "g1", "end1", "axis1"], ["tail"]),
+        helper.make_node("Concat", ["g1", "four"], ["flat_shape"], axis=0),
+        helper.make_node("Reshape", ["head", "flat_shape"], ["head_2d"]),
+        helper.make_node("Concat", ["pads_a", "pads_b"], ["pads"], axis=0),
+        helper.make_node("Pad", ["tail", "pads"], ["padded"]),
+        helper.make_node("Slice", ["both", "zero1", "big", "axis1"], ["all_"]),
+    ]
+    f = TensorProto.FLOAT
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info("x", f, [1, 8, 4]), helper.make_tensor_value_info("mask", TensorProto.INT64,
+                                                                                         [1, 8])],
+        [helper.make_tensor_value_info("head_2d", f, ["g", 4]), helper.make_tensor_value_info("tail", f, [1, 8, 4]),
+         helper.make_tensor_value_info("padded", f, [1, 9, 4]),
+         helper.make_tensor_value_info("all_", f, [1, "g_plus_8", 4])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("count", [1, 3, 8])
+def test_run_time_dims_from_a_mask_count(count):
+    """The global-token graph imports with its shapes kept (no dynamic_strided_slice, which FoldConstant refuses),
+    compiles and matches onnx's reference evaluator for fresh random inputs and several counts."""
+    model = _global_token_graph()
+    rng = np.random.default_rng()
+    mask = np.zeros((1, 8), np.int64)
+    mask[0, rng.choice(8, count, replace=False)] = 1
+    feeds = {"x": rng.standard_normal((1, 8, 4)).astype(np.float32), "mask": mask}
+    got, ref = _run_both(model, feeds)
+    assert [g.shape for g in got] == [r.shape for r in ref]
+    assert all(np.array_equal(g, r) for g, r in zip(got, ref))
+    mod = onnx_import.import_model(model)
+    assert "dynamic_strided_slice" not in mod.script()
+    from tvm import relax
+
+    tensors = [b.var.ty for block in mod["main"].body.blocks for b in block.bindings
+               if isinstance(b.var.ty, relax.TensorType)]
+    assert tensors and all(ty.shape is not None for ty in tensors)
+
+
+def test_small_constant_subgraphs_fold_before_import():
+    """Shape of a static value and small computations on constants become Constant nodes; a computation on a large
+    initializer (a weight) stays as written."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from llmcc.frontend.onnx_cleanup import clean_model
+
+    weight = numpy_helper.from_array(np.ones((128, 64), np.float32), "w")
+    nodes = [
+        helper.make_node("Shape", ["x"], ["x_shape"], name="shape"),
+        helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(np.array([2], np.int64))),
+        helper.make_node("Concat", ["x_shape", "c"], ["target"], axis=0, name="concat"),
+        helper.make_node("Transpose", ["w"], ["w_t"], name="weight_transpose"),
+        helper.make_node("MatMul", ["x", "w_t"], ["y"], name="matmul"),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 64])],
+                              [helper.make_tensor_value_info("target", TensorProto.INT64, [3]),
+                               helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 128])], [weight])
+    cleaned = clean_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    by_output = {n.output[0]: n for n in cleaned.graph.node}
+    assert by_output["x_shape"].op_type == by_output["target"].op_type == "Constant"
+    assert numpy_helper.to_array(by_output["target"].attribute[0].t).tolist() == [3, 64, 2]
+    assert by_output["w_t"].op_type == "Transpose" and by_output["y"].op_type == "MatMul"
+
+
+def test_stock_tvm_importer_fails_on_the_global_token_graph():
+    """Without llmcc's converters the graph above does not import: the run-time dims are lost on the way."""
+    from tvm.relax.frontend.onnx import from_onnx
+
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), pytest.raises(Exception):
+        warnings.simplefilter("ignore")
+        from_onnx(_global_token_graph(), keep_params_in_input=False)

@@ -68,7 +68,8 @@ class _Delegating(tvm_onnx.OnnxOpConverter):
 
 
 class Reshape(_Delegating):
-    """Reshape of a symbolic scalar to 1-D (``[sequence + 1]``) stays a ShapeExpr."""
+    """Reshape of a symbolic scalar to 1-D (``[sequence + 1]``) stays a ShapeExpr; a reshape to a shape tensor known
+    only at run time (Longformer's [max global tokens, heads, head dim]) binds its dims (see _run_time_shape)."""
 
     op_type = "Reshape"
 
@@ -82,6 +83,10 @@ class Reshape(_Delegating):
             if target == []:
                 return data
             return relax.op.reshape(_prim_to_tensor(bb, data), target)
+        if _const_list(tvm_onnx.get_constant(shape, params)) is None and not isinstance(shape, relax.ShapeExpr):
+            dims = _run_time_shape(bb, shape)
+            if dims is not None and not any(isinstance(d, tirx.IntImm) and int(d) == 0 for d in dims):
+                return relax.op.reshape(data, dims)  # a -1 entry is inferred by reshape
         return None
 
 
@@ -146,6 +151,180 @@ class Expand(_Delegating):
                for a, b in zip(out, dims)) and rank == len(ty.shape.values):
             return data
         return relax.op.broadcast_to(data, relax.ShapeExpr(out))
+
+
+class ConstantOfShape(_Delegating):
+    """ConstantOfShape with a constant shape of any rank, the empty shape ``[]`` (a 0-D scalar) included, and the
+    fill value read as a scalar. TVM's converter folds only a constant 1-D result; for any other constant shape it
+    broadcasts the 1-element ``value`` tensor, which fails when the shape is ``[]`` ("broadcast_to expects the input
+    shape to have the number of ndim at least as the input tensor's"): torch's TorchScript exporter writes
+    ``ConstantOfShape([])`` for every Python scalar it turns into a tensor (Longformer's masks are full of them).
+    A symbolic shape (a ShapeExpr) broadcasts the scalar; a shape tensor known only at run time (Longformer's global
+    keys, [1, max global tokens, heads, head dim]) gets symbolic dims (see _run_time_shape), where TVM's converter
+    gave a tensor of unknown shape that the next Shape/Slice refused ("Slice requires a statically known input
+    rank")."""
+
+    op_type = "ConstantOfShape"
+
+    @classmethod
+    def _special(cls, bb, inputs, attr, params):
+        proto = attr.get("value")
+        value = tvm_onnx.get_numpy(proto) if proto is not None else np.zeros((1,), "float32")
+        value = np.asarray(value).reshape(-1)[:1].reshape(())
+        shape = inputs[0]
+        dims = _const_list(tvm_onnx.get_constant(shape, params))
+        if dims is not None:
+            return relax.const(np.full([int(d) for d in dims], value, value.dtype), str(value.dtype))
+        if isinstance(shape, relax.ShapeExpr):
+            return relax.op.broadcast_to(relax.const(value, str(value.dtype)), shape)
+        dims = _run_time_shape(bb, shape)
+        if dims is None:
+            return None
+        return relax.op.broadcast_to(relax.const(value, str(value.dtype)), relax.ShapeExpr(dims))
+
+
+def _run_time_shape(bb: relax.BlockBuilder, shape) -> list | None:
+    """The dims of a 1-D int64 shape tensor known only at run time (Longformer's [1, max global tokens, heads, head
+    dim], whose middle entry is a ReduceMax of a mask): one PrimExpr per entry, bound by a match_cast of
+    tensor_to_shape(shape). An entry of the Concat building the tensor is read by _symbolic_int: a constant stays that
+    constant (the result keeps every static dim), a run-time value gets its one symbolic dim; when the tensor is not
+    such a Concat every entry is a fresh dim. None when the length is unknown."""
+    shape = bb.normalize(shape)
+    ty = getattr(shape, "ty", None)
+    if not isinstance(ty, relax.TensorType) or ty.ndim != 1 or ty.shape is None \
+            or not isinstance(ty.shape.values[0], tirx.IntImm) or "int" not in str(ty.dtype):
+        return None
+    length = int(ty.shape.values[0])
+    fields = None
+    # TVM's importer hands over an unbound call where the producer is one op, a variable where it emitted it.
+    binding = bb.lookup_binding(shape) if isinstance(shape, relax.Var) else shape
+    if isinstance(binding, relax.Call) and getattr(binding.op, "name", "") == "relax.concat":
+        parts = binding.args[0].fields if isinstance(binding.args[0], relax.Tuple) else None
+        if parts is not None and all(_one_entry(p) for p in parts):
+            fields = parts
+    dims = []
+    for i in range(length):
+        value = _symbolic_int(bb, fields[i], create=True) if fields is not None else None
+        dims.append(value if value is not None else tirx.Var(f"dim{i}", "int64"))
+    # The match_cast binds the symbolic dims (checked at run time); the caller's ShapeExpr uses them.
+    bb.match_cast(bb.normalize(relax.op.tensor_to_shape(shape)), relax.ShapeType(dims))
+    return dims
+
+
+_ARITHMETIC = {"relax.add": lambda a, b: a + b, "relax.subtract": lambda a, b: a - b,
+               "relax.multiply": lambda a, b: a * b}
+_PASS_THROUGH = {"relax.expand_dims", "relax.reshape", "relax.astype", "relax.squeeze"}
+
+
+def _symbolic_int(bb, expr, create: bool = False):
+    """A one-entry integer tensor as a PrimExpr: constants, shape_to_tensor of a shape, +, -, * of those, through
+    expand_dims / reshape / astype / squeeze. Any other value (a ReduceMax of a mask) is a symbolic dim of its own:
+    one per value, so every tensor sized by it gets the same dim and shapes built from it still line up after import
+    (concat, matmul, slice); with ``create`` a new value gets its dim, else None. TVM's importer hands over unbound
+    calls where it did not emit the producer, variables where it did: both are followed."""
+    for _ in range(16):
+        if _is_prim(expr):
+            return expr if _prim_dtype(expr) == "int64" else tirx.Cast("int64", expr)
+        const = _const_list(expr)
+        if const is not None:
+            return tirx.IntImm("int64", int(const[0])) if len(const) == 1 and float(const[0]).is_integer() else None
+        call = bb.lookup_binding(expr) if isinstance(expr, relax.Var) else expr
+        name = getattr(getattr(call, "op", None), "name", "") if isinstance(call, relax.Call) else ""
+        if name in _PASS_THROUGH:
+            expr = call.args[0]
+            continue
+        if name == "relax.shape_to_tensor" and isinstance(call.args[0], relax.ShapeExpr) \
+                and len(call.args[0].values) == 1:
+            return call.args[0].values[0]
+        if name in _ARITHMETIC:
+            a, b = (_symbolic_int(bb, x, create) for x in call.args)
+            return None if a is None or b is None else _ARITHMETIC[name](a, b)
+        break
+    names = bb.__dict__.setdefault("_llmcc_run_time_dims", [])
+    for source, var in names:
+        if source.same_as(expr):
+            return var
+    if not create:
+        return None
+    var = tirx.Var(f"n{len(names)}", "int64")
+    names.append((expr, var))
+    return var
+
+
+def _one_entry(expr) -> bool:
+    ty = getattr(expr, "ty", None)
+    return isinstance(ty, relax.TensorType) and ty.shape is not None and len(ty.shape.values) == 1 \
+        and isinstance(ty.shape.values[0], tirx.IntImm) and int(ty.shape.values[0]) == 1
+
+
+class Concat(_Delegating):
+    """Concat of shape pieces where one is a ShapeExpr (a Shape whose dims are symbolic): all pieces constant or
+    symbolic gives a ShapeExpr; with a run-time tensor among them, every piece becomes a tensor first. TVM's
+    converter concatenates tensors only and fails on a ShapeExpr next to a tensor."""
+
+    op_type = "Concat"
+
+    @classmethod
+    def _special(cls, bb, inputs, attr, params):
+        if not any(isinstance(x, relax.ShapeExpr) or _is_prim(x) for x in inputs):
+            return None
+        dims = []
+        for x in inputs:
+            if isinstance(x, relax.ShapeExpr):
+                dims.extend(x.values)
+            elif _is_prim(x):
+                dims.append(x)
+            elif (c := _const_list(tvm_onnx.get_constant(x, params))) is not None and all(
+                    isinstance(v, int) for v in c):
+                dims.extend(tirx.IntImm("int64", v) for v in c)
+            else:
+                dims = None
+                break
+        if dims is not None:
+            return relax.ShapeExpr(dims)
+        pieces = [bb.normalize(relax.op.reshape(_as_tensor(bb, x), [1])) if _is_prim(x) else _as_tensor(bb, x)
+                  for x in inputs]
+        pieces = [bb.normalize(relax.op.astype(p, "int64")) if str(p.ty.dtype) != "int64" else p for p in pieces]
+        return relax.op.concat(pieces, axis=int(attr.get("axis", 0)))
+
+
+class Slice(_Delegating):
+    """Slice whose starts/ends are run-time values that _symbolic_int can name (Longformer's
+    ``probs[..., :max_global]`` and ``probs[..., max_global:]``): a strided_slice with symbolic bounds, so the result
+    keeps its shape. TVM's converter makes those a dynamic_strided_slice whose result has no shape at all, which
+    FoldConstant and every later shape-reading pass refuse. Axes and steps must be constant, one axis, step 1; a
+    symbolic bound is a count or a dim, so it is taken as non-negative (a negative constant counts from the end)."""
+
+    op_type = "Slice"
+
+    @classmethod
+    def _special(cls, bb, inputs, attr, params):
+        if len(inputs) < 3:
+            return None
+        data = inputs[0]
+        ty = getattr(data, "ty", None)
+        if not isinstance(ty, relax.TensorType) or ty.shape is None:
+            return None
+        bounds = [tvm_onnx.get_constant(x, params) for x in inputs[1:3]]
+        if all(_const_list(b) is not None for b in bounds) or any(isinstance(b, relax.ShapeExpr) for b in bounds):
+            return None  # constant bounds, or shape slicing: TVM's converter keeps those static
+        if any(getattr(getattr(b, "ty", None), "ndim", 0) != 1 for b in bounds):
+            return None
+        axes = _const_list(tvm_onnx.get_constant(inputs[3], params)) if len(inputs) > 3 and inputs[3] is not None \
+            else [0]
+        steps = _const_list(tvm_onnx.get_constant(inputs[4], params)) if len(inputs) > 4 and inputs[4] is not None \
+            else [1] * len(axes or [])
+        if axes is None or steps is None or len(axes) != 1 or steps != [1]:
+            return None
+        starts, ends = (_symbolic_int(bb, b) for b in bounds)
+        if starts is None or ends is None:
+            return None
+        starts, ends = (v + ty.shape.values[int(axes[0]) % ty.ndim] if isinstance(v, tirx.IntImm) and v.value < 0
+                        else v for v in (starts, ends))
+        axis = int(axes[0]) % ty.ndim
+        dim = ty.shape.values[axis]
+        clamp = lambda v: tvm.tirx.max(tvm.tirx.min(v, dim), 0)  # ONNX clamps bounds to the dim (INT64_MAX = all)
+        return relax.op.strided_slice(data, [axis], [clamp(starts)], [clamp(ends)], [1], assume_inbound=True)
 
 
 def _prim_dtype(value) -> str:
@@ -233,6 +412,9 @@ def _generic_tensorize(op_type: str):
 _TVM_MAP = tvm_onnx._get_convert_map()
 
 CONVERTERS: dict[str, type] = {
+    "ConstantOfShape": ConstantOfShape,
+    "Concat": Concat,
+    "Slice": Slice,
     "Expand": Expand,
     "Range": Range,
     "Reshape": Reshape,

@@ -15,6 +15,10 @@ fused as it stands (kind "block_sparse"), so the work follows the gathered block
 a constant with wholly hidden tiles (a block-sparse pattern kept as a buffer; static shapes) is kind "block_sparse"
 too: the kernel gets the mask's tile layout in CSR form (two int32 constants, ``kernels.block_layout``) and walks only
 those tiles; on CUDA the Triton block-sparse kernel does, with the mask dropped, when the mask is uniform in blocks.
+HF Longformer has two softmaxes that match no sdpa pattern (``_describe_longformer``): its global tokens' own queries
+(3-D scores over all keys, masked by a scatter and a where) fuse as a dense site with an additive bias (kind
+"global", ``_GlobalQuerySite``); its local band (chunked q @ k^T, a diagonal mask, global-key scores concatenated in
+front, kind "sliding_window+global") is reported unfused with the reason.
 
 Runs in the graph phase on the imported module, before lift_weights. Every site is reported in ``self.sites``:
 {"site", "kind", "fused", "reason", "kernel"}.
@@ -383,6 +387,179 @@ def _describe_unmatched(probs_var, probs, var2val) -> tuple[str, str]:
     return "unknown", "the softmax input is not (scaled) q @ k^T plus an additive mask"
 
 
+def _describe_longformer(probs, var2val) -> tuple[str, bool, str] | None:
+    """(kind, fused, reason) for HF Longformer's two softmax sites, which match no sdpa pattern; None for any other.
+
+    Longformer computes each token's scores against its 2w+1 neighbours by chunked q @ k^T matmuls, rolls them into
+    a [B, S, H, 2w+1] band with a diagonal mask (scatters into chunk tensors), concatenates the scores against the
+    global keys in front ([B, S, H, G + 2w+1]), takes one softmax, then multiplies slices of the probabilities with
+    chunked values. The global tokens' own queries attend to all keys separately: [B*H, G, S] scores masked with
+    where(padding, min, .) after scattering each row's global slots. G (the number of global tokens) is a ReduceMax
+    of the mask at run time."""
+    scores = _producer(probs.args[0], var2val)
+    shape = _shape(probs)
+    if shape is None or scores is None:
+        return None
+    if len(shape) == 4 and _op_name(scores) in ("relax.concat", "relax.add", "relax.scatter_nd"):
+        parts = list(scores.args[0].fields) if _op_name(scores) == "relax.concat" \
+            and isinstance(scores.args[0], relax.Tuple) else [probs.args[0]]
+        band = _shape(parts[-1])
+        width = band[-1] if band is not None and len(band) == 4 else None
+        if not isinstance(width, tvm.tirx.IntImm) or int(width) % 2 != 1 or not _same_dim(band[1], shape[1]) \
+                or isinstance(shape[1], tvm.tirx.IntImm) and int(width) >= int(shape[1]):
+            return None
+        built = {_op_name(c) for c in _upstream(parts[-1], var2val, limit=200)}
+        if not {"relax.scatter_nd"} & built or not {"relax.matmul", "relax.call_tir"} & built:
+            return None
+        window = (int(width) - 1) // 2
+        has_global = len(parts) > 1
+        kind = "sliding_window+global" if has_global else "sliding_window"
+        what = f"[B, S, H, {'G + ' if has_global else ''}{int(width)}]"
+        return kind, False, (f"chunked sliding-window scores (HF Longformer, {window} keys each side"
+                             f"{', global keys concatenated in front' if has_global else ''}): a {what} band built "
+                             "by chunked matmuls and diagonal scatters, not one q @ k^T; no kernel reads this layout")
+    if len(shape) == 3:
+        chain = _upstream(probs.args[0], var2val, through={"relax.reshape", "relax.where", "relax.permute_dims"},
+                          limit=8)
+        if any(_op_name(c) == "relax.scatter_nd" for c in chain) and \
+                any(_op_name(c) == "relax.where" for c in chain):
+            return "global", False, ("global-token queries (HF Longformer): 3-D [B*H, G, S] scores masked by "
+                                     "where(padding, min, .) after a scatter of each row's global slots, not the "
+                                     "4-D sdpa pattern (scaled q @ k^T + additive mask)")
+    return None
+
+
+# Replaced scores (HF's finfo.min fills) become this additive bias: it rounds q.k + bias to itself for any
+# |q.k| < 2^75, so a wholly replaced row is uniform, as HF's all-equal row is, and a replaced key gets weight
+# exp(-1e30 - max) = 0, as exp(min - max) is. Finite, and above the kernel's running-max start (-3e38).
+_REPLACED_SCORE_BIAS = -1.0e30
+# A replaced score must be this low for its weight to be exactly 0 next to any real score (exp underflows).
+_REPLACED_SCORE_MAX = -1.0e4
+
+
+class _GlobalQuerySite:
+    """HF Longformer's global-token queries as one dense attention: q [B*H, G, D] against every key.
+
+    The exported graph (``_compute_global_attn_output_from_hidden``)::
+
+        s3 = R.matmul(q3, k_t3)                                 # [B*H, G, S], q3 already scaled by 1/sqrt(D)
+        t = R.permute_dims(R.reshape(s3, [B, H, G, S]), [0, 2, 1, 3])
+        t = R.scatter_nd(t, slots, R.broadcast_to(min, ...))    # a row's padded global slots: every score = min
+        w = R.where(padding [.., S], min, R.permute_dims(t, [0, 2, 1, 3]))
+        p = R.astype(R.nn.softmax(R.reshape(w, [B*H, G, S])), "float32")
+        out3 = R.matmul(p, v3)                                  # [B*H, G, D]
+
+    becomes the flash kernel on reshaped (not copied) q/k^T/v with an additive [B, H, G, S] bias that is
+    ``_REPLACED_SCORE_BIAS`` wherever the graph replaced a score (the same scatter and where, applied to zeros), so
+    every row's probabilities are HF's: unreplaced keys exactly, replaced ones 0, a wholly replaced row uniform.
+    Guards: both fills are the same constant <= _REPLACED_SCORE_MAX, the scatter writes a broadcast of it, nothing
+    outside the chain reads an intermediate, shapes line up."""
+
+    def __init__(self, spec, operands, cond, fill, scatter, out_shape):
+        self.spec, self.operands, self.cond, self.fill, self.scatter = spec, operands, cond, fill, scatter
+        self.out_shape = out_shape
+        self.root_var = None  # the value matmul's variable, whose binding the fused call replaces
+        self.shape_reads: dict = {}  # shape_of(intermediate) variable -> its static ShapeExpr
+
+    def emit(self, rewriter, binding) -> None:
+        bb, visit = rewriter.builder_, rewriter.visit_expr
+        q3, k_t3, v3 = (visit(self.operands[n]) for n in ("q", "k_t", "v"))
+        b, h, g, s = self.out_shape
+        d, dv = _shape(q3)[2], _shape(v3)[2]
+        q = bb.emit(relax.op.reshape(q3, relax.ShapeExpr([b, h, g, d])))
+        k_t = bb.emit(relax.op.reshape(k_t3, relax.ShapeExpr([b, h, d, s])))
+        v = bb.emit(relax.op.reshape(v3, relax.ShapeExpr([b, h, s, dv])))
+        scores, slots, updates = (visit(a) for a in self.scatter.args)
+        big = relax.const(_REPLACED_SCORE_BIAS, _dtype(scores))
+        replaced = bb.emit(relax.op.scatter_nd(bb.emit(relax.op.zeros_like(scores)), slots,
+                                               bb.emit(relax.op.full_like(updates, big)), "update"))
+        bias = bb.emit(relax.op.where(visit(self.cond), big, bb.emit(relax.op.permute_dims(replaced, [0, 2, 1, 3]))))
+        out = bb.emit(relax.call_tir(rewriter.kernel(self.spec), [q, k_t, v, bias],
+                                     relax.TensorType([b, h, g, dv], _dtype(scores))))
+        bb.emit_normalized(relax.VarBinding(binding.var, bb.normalize(relax.op.reshape(out, _shape(binding.var)))))
+
+
+def _global_query_site(probs_var, var2val, consumers, outputs) -> tuple[_GlobalQuerySite | None, str]:
+    """(site, '') when ``probs_var`` is the softmax of HF Longformer's global-token queries (see _GlobalQuerySite)
+    and every guard holds, else (None, why not)."""
+    probs = var2val[probs_var]
+    chain = [probs_var]
+
+    def step(expr, op, what):
+        call = _producer(expr, var2val)
+        if _op_name(call) != op:
+            raise _NoMatch(f"{what} is not {op}")
+        chain.extend(v for v in var2val if var2val[v].same_as(call))
+        return call
+
+    try:
+        flat = step(probs.args[0], "relax.reshape", "the softmax input")
+        where = step(flat.args[0], "relax.where", "the masked scores")
+        cond, fill = where.args[0], where.args[1]
+        back = step(where.args[2], "relax.permute_dims", "the scores under the mask")
+        scatter = step(back.args[0], "relax.scatter_nd", "the scores before the permute")
+        front = step(scatter.args[0], "relax.permute_dims", "the scattered scores")
+        scores4 = step(front.args[0], "relax.reshape", "the scores before the scatter")
+        scores3 = step(scores4.args[0], "relax.matmul", "the 4-D scores")
+    except _NoMatch as exc:
+        return None, f"not HF Longformer's global-query chain: {exc}"
+    if _axes(back) != [0, 2, 1, 3] or _axes(front) != [0, 2, 1, 3]:
+        return None, "the permutes around the scatter are not [0, 2, 1, 3]"
+    if not isinstance(fill, _Const) or _scalar(fill) is None or _scalar(fill) > _REPLACED_SCORE_MAX:
+        return None, f"the padding fill is not a scalar constant <= {_REPLACED_SCORE_MAX:g}"
+    bcast = _producer(scatter.args[2], var2val)
+    while _op_name(bcast) == "relax.reshape":
+        bcast = _producer(bcast.args[0], var2val)
+    if _op_name(bcast) != "relax.broadcast_to" or not isinstance(bcast.args[0], _Const) \
+            or _scalar(bcast.args[0]) != _scalar(fill):
+        return None, "the scatter does not write the padding fill's constant everywhere"
+    q3, k_t3 = scores3.args
+    uses = [u for u in consumers.get(probs_var, [])]
+    if len(uses) != 1 or _op_name(var2val[uses[0]]) != "relax.astype":
+        return None, "the probabilities have users other than one cast"
+    cast = uses[0]
+    matmuls = consumers.get(cast, [])
+    if len(matmuls) != 1 or _op_name(var2val[matmuls[0]]) != "relax.matmul" \
+            or not var2val[matmuls[0]].args[0].same_as(cast):
+        return None, "the probabilities do not feed one value matmul"
+    root = matmuls[0]
+    v3 = var2val[root].args[1]
+    if not all(_ndim(x) == 3 for x in (q3, k_t3, v3)) or _ndim(scores4) != 4:
+        return None, "q, k^T, v are not 3-D [B*H, ., .] with 4-D [B, H, G, S] scores"
+    if len({_dtype(x) for x in (q3, k_t3, v3, scores3)}) != 1 or "float" not in _dtype(q3) \
+            or _dtype(cast) != _dtype(probs):
+        return None, "q/k/v dtypes differ or are not float, or the cast changes the dtype"
+    b, h, g, s = _shape(scores4)
+    qs, ks, vs = _shape(q3), _shape(k_t3), _shape(v3)
+    if not (isinstance(h, tvm.tirx.IntImm) and isinstance(qs[2], tvm.tirx.IntImm)
+            and isinstance(vs[2], tvm.tirx.IntImm)):
+        return None, "heads or head dims are not static"
+    if not (_same_dim(qs[0], b * h) and _same_dim(qs[1], g) and _same_dim(ks[1], qs[2]) and _same_dim(ks[2], s)
+            and _same_dim(vs[1], s) and _same_dim(ks[0], qs[0]) and _same_dim(vs[0], qs[0])):
+        return None, "q [B*H, G, D], k^T [B*H, D, S], v [B*H, S, Dv] do not line up with the [B, H, G, S] scores"
+    cs = _shape(cond)
+    if cs is None or len(cs) > 4 or not all(_is_one(a) or _same_dim(a, c) for a, c in zip(cs, [b, h, g, s][-len(cs):])):
+        return None, "the padding condition does not broadcast to [B, H, G, S]"
+    inner = set(chain) | {cast}
+    # The scatter's indices are computed from shape_of(scores): a shape read, which the rewrite answers statically.
+    shape_reads = {u for x in inner for u in consumers.get(x, []) if _op_name(var2val[u]) == "relax.shape_of"}
+    if any(u not in inner | {root} | shape_reads for x in inner for u in consumers.get(x, [])) \
+            or any(x in outputs for x in inner):
+        return None, "an intermediate (scores or probabilities) is used outside the attention"
+    if any(_shape(var2val[u].args[0]) is None for u in shape_reads):
+        return None, "a shape read of the scores has no static shape to answer with"
+    spec = AttentionSpec(num_heads=int(h), num_kv_heads=int(h), head_dim=int(qs[2]), value_dim=int(vs[2]),
+                         scale=1.0, dtype=_dtype(q3), bias=(_is_one(b), False, False), k_layout="bnds")
+    site = _GlobalQuerySite(spec, {"q": q3, "k_t": k_t3, "v": v3}, cond, fill, scatter, (b, h, g, s))
+    site.root_var = root
+    site.shape_reads = {u: relax.ShapeExpr(_shape(var2val[u].args[0])) for u in shape_reads}
+    return site, ""
+
+
+class _NoMatch(Exception):
+    pass
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Operands: where the kernel reads q, k and v from, without the copies the exported graph makes on the way.
 
@@ -485,10 +662,13 @@ class _SiteRewriter(relax.PyExprMutator):
         if site is None:
             super().visit_var_binding_(binding)
             return
+        if isinstance(site, _GlobalQuerySite):
+            site.emit(self, binding)
+            return
+        if isinstance(site, relax.ShapeExpr):  # a shape read of a fused site's intermediate: its static shape
+            self.builder_.emit_normalized(relax.VarBinding(binding.var, site))
+            return
         spec = site.spec
-        if spec not in self.kernels:
-            self.kernels[spec] = self.builder_.add_func(self.kernel_for(spec),
-                                                          "flash_attention_" + spec.kind.replace("+", "_"))
         args = [self.visit_expr(site.operands[n][0]) for n in ("q", "k", "v")]
         bias = None if site.drop_mask else site.m.get("mask")
         if bias is not None:
@@ -496,11 +676,18 @@ class _SiteRewriter(relax.PyExprMutator):
             while _ndim(bias) < 4:
                 bias = self.builder_.emit(relax.op.expand_dims(bias, 0))
             args.append(bias)
-        if site.layout is not None:
+        if getattr(site, "layout", None) is not None:
             args += [relax.const(a) for a in site.layout]
-        out = relax.call_tir(self.kernels[spec], args, binding.var.ty)
+        out = relax.call_tir(self.kernel(spec), args, binding.var.ty)
         # Keep the site's output variable (a dataflow output stays one); only its value changes.
         self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(out)))
+
+    def kernel(self, spec: AttentionSpec):
+        """The GlobalVar of ``spec``'s kernel, added to the module on first use."""
+        if spec not in self.kernels:
+            self.kernels[spec] = self.builder_.add_func(self.kernel_for(spec),
+                                                          "flash_attention_" + spec.kind.replace("+", "_"))
+        return self.kernels[spec]
 
 
 class FuseAttention(LlmccPass):
@@ -598,7 +785,7 @@ class FuseAttention(LlmccPass):
             mod = rewriter.builder_.get()  # with the kernels it added
             new_func = relax.Function(func.params, new_body, func.ret_ty, func.is_pure, func.attrs)
             mod[gv] = relax.analysis.remove_all_unused(new_func)
-            total += len(plans)
+            total += sum(not isinstance(site, relax.ShapeExpr) for site in plans.values())
         return mod, total
 
     def _plan_function(self, fname: str, func) -> dict:
@@ -618,6 +805,18 @@ class FuseAttention(LlmccPass):
         for probs_var in sorted(softmaxes, key=order.get):
             site = self._match(probs_var, var2val, consumers, patterns)
             if site is None:
+                longformer = _describe_longformer(var2val[probs_var], var2val)
+                if longformer is not None and longformer[0] == "global":
+                    site, why = _global_query_site(probs_var, var2val, consumers, outputs)
+                    if site is not None:
+                        self._record(fname, probs_var, "global", True, "", site.spec)
+                        plans[site.root_var] = site
+                        plans.update(site.shape_reads)  # so the scores themselves are no longer computed
+                        continue
+                    longformer = ("global", False, f"{longformer[2]}; {why}")
+                if longformer is not None:
+                    self._record(fname, probs_var, *longformer)
+                    continue
                 if not any(self._value_matmuls(probs_var, var2val, consumers)):
                     continue  # a softmax that is no attention (classifier head, gating): not a site
                 kind, reason = _describe_unmatched(probs_var, var2val[probs_var], var2val)

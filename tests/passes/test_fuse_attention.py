@@ -141,12 +141,14 @@ EXPECTED = {
     "llama-decode": (2, 0, {"causal+gqa+kv_cache"}),
     "mistral": (2, 0, {"sliding_window+gqa"}),
     "bigbird": (8, 0, {"block_sparse"}),
+    "longformer": (1, 1, {"sliding_window+global", "global"}),
 }
 
 
 @pytest.mark.parametrize("name", list(EXPECTED))
 def test_zoo_sites(name):
-    """Every attention site of every zoo model fuses, BigBird's block-sparse pieces included."""
+    """Every attention site of every zoo model fuses, BigBird's block-sparse pieces included; of Longformer's two
+    sites the global-token queries fuse and the chunked band is recognised and reported unfused."""
     fused, unfused, kinds = EXPECTED[name]
     p = FuseAttention()
     after = p(import_model(load_model(zoo.onnx_path(name))))
@@ -208,3 +210,83 @@ def test_fp16_llama_fuses_and_matches_onnxruntime(tmp_path):
         assert got.dtype == np.float16
         err = relative_error(got.astype(np.float32), sess.run(None, feeds)[0].astype(np.float32))
         assert err <= 2e-3, f"seq {seq}: relative error vs onnxruntime fp16 {err:.3g}"
+
+
+def test_longformer_sites_are_named_and_explained():
+    """HF Longformer's softmaxes match no sdpa pattern: the local band (chunked q @ k^T, diagonal mask, global-key
+    scores concatenated in front) stays, with its kind and why; the global tokens' own queries (3-D scores, a
+    scatter and a where for masks) fuse into one flash kernel with an additive bias, and their scores are gone."""
+    p = FuseAttention()
+    after = p(import_model(load_model(zoo.onnx_path("longformer"))))
+    assert p.rewrites == 1 == _attention_calls(after)
+    band, global_queries = p.sites
+    assert band["kind"] == "sliding_window+global" and not band["fused"] and band["kernel"] is None
+    assert band["reason"].startswith("chunked sliding-window scores")
+    assert "16 keys each side" in band["reason"] and "[B, S, H, G + 33]" in band["reason"]
+    assert global_queries["kind"] == "global" and global_queries["fused"]
+    assert global_queries["kernel"] == "flash_attention_cpu"
+    softmaxes = [b for f in after.functions.values() if isinstance(f, relax.Function)
+                 for block in f.body.blocks for b in block.bindings
+                 if isinstance(b.value, relax.Call) and getattr(b.value.op, "name", "") == "relax.nn.softmax"]
+    assert len(softmaxes) == 1  # the band's
+
+
+def _global_query_chain(scatter_fill: float, mask_fill: float, heads=2, g=3, s=8, d=4):
+    """Longformer's global-query chain in Relax, small: 3-D scores, a scatter of ``scatter_fill`` at given element
+    indices, where(padding, ``mask_fill``, .), softmax, a cast, the value matmul."""
+    bb = relax.BlockBuilder()
+    q = relax.Var("q", relax.TensorType((heads, g, d), "float32"))
+    k_t = relax.Var("k_t", relax.TensorType((heads, d, s), "float32"))
+    v = relax.Var("v", relax.TensorType((heads, s, d), "float32"))
+    slots = relax.Var("slots", relax.TensorType((8, 4), "int64"))
+    pad = relax.Var("pad", relax.TensorType((1, 1, 1, s), "bool"))
+    with bb.function("main", [q, k_t, v, slots, pad]):
+        with bb.dataflow():
+            scores = bb.emit(relax.op.reshape(bb.emit(relax.op.matmul(q, k_t)), (1, heads, g, s)))
+            t = bb.emit(relax.op.permute_dims(scores, [0, 2, 1, 3]))
+            fill = bb.emit(relax.op.broadcast_to(relax.const(scatter_fill, "float32"), (8,)))
+            t = bb.emit(relax.op.scatter_nd(t, slots, fill, "update"))
+            t = bb.emit(relax.op.permute_dims(t, [0, 2, 1, 3]))
+            w = bb.emit(relax.op.where(pad, relax.const(mask_fill, "float32"), t))
+            p = bb.emit(relax.op.nn.softmax(bb.emit(relax.op.reshape(w, (heads, g, s))), axis=-1))
+            out = bb.emit_output(relax.op.matmul(bb.emit(relax.op.astype(p, "float32")), v))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _run_cpu(mod, args):
+    vm = relax.VirtualMachine(tvm.compile(mod, target="llvm"), tvm.cpu())
+    return vm["main"](*(tvm.runtime.tensor(a) for a in args)).numpy()
+
+
+def test_global_query_chain_fuses_exactly():
+    """Same fill for the scatter and the padding (HF's finfo.min): fused, and equal to the unfused chain, with a row
+    wholly replaced by the scatter (uniform), a row partly replaced, and a padded key."""
+    rng = np.random.default_rng()
+    low = float(np.finfo(np.float32).min)
+    before = _global_query_chain(low, low)
+    p = FuseAttention()
+    after = p(before)
+    assert p.rewrites == 1 == _attention_calls(after)
+    assert [s["kind"] for s in p.sites] == ["global"] and p.sites[0]["fused"]
+    whole_row = np.array([[0, 0, 1, j] for j in range(8)], np.int64)  # every key of row (g=0, h=1)
+    part_rows = np.array([[0, 2, 0, j] for j in range(4)] + [[0, 1, 1, j] for j in (0, 3, 5, 6)], np.int64)
+    pad = np.zeros((1, 1, 1, 8), bool)
+    pad[..., 6] = True
+    for idx in (whole_row, part_rows):
+        args = [rng.standard_normal(sh).astype(np.float32) for sh in [(2, 3, 4), (2, 4, 8), (2, 8, 4)]] + [idx, pad]
+        want, got = _run_cpu(before, args), _run_cpu(after, args)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_global_query_chain_with_different_fills_stays():
+    """A scatter fill other than the padding fill: a wholly replaced row would differ (uniform over all keys or over
+    the unpadded ones), so the site is not fused and the reason says why."""
+    p = FuseAttention()
+    before = _global_query_chain(-1.0e4, float(np.finfo(np.float32).min))
+    after = p(before)
+    assert p.rewrites == 0
+    tvm.ir.assert_structural_equal(after, before)
+    (site,) = p.sites
+    assert site["kind"] == "global" and not site["fused"]
+    assert "does not write the padding fill's constant" in site["reason"]
