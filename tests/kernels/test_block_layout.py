@@ -24,7 +24,8 @@ def _block_mask(rng, heads, sq, skv, bs, density=0.4):
     """An additive mask [heads, sq, skv] from a random block layout at ``bs`` (every row keeps a visible block)."""
     nq, nk = -(-sq // bs), -(-skv // bs)
     layout = rng.random((heads, nq, nk)) < density
-    layout[:, np.arange(nq), rng.integers(0, nk, nq)] = True
+    layout[:, 0, -1] = False  # one hidden block (nk >= 2 here)
+    layout[:, np.arange(nq), np.minimum(np.arange(nq), nk - 2)] = True  # every row sees a block
     keep = layout.repeat(bs, 1).repeat(bs, 2)[:, :sq, :skv]
     return np.where(keep, np.float32(0), HIDE), layout
 
@@ -48,9 +49,6 @@ def test_tile_layout_and_uniform_block_size(trial, seed):
         brute = _brute_tiles(mask, bq, bk)
         assert (tiles is None and brute.all()) or (tiles == brute).all()
     found = block_layout.uniform_block_size(mask, heads)
-    if layout.all():
-        assert found is None
-        return
     assert found is not None and found >= bs
     # the layout at the size found reproduces the mask exactly
     tiles = block_layout.tile_layout(mask, heads, found, found)
@@ -100,22 +98,29 @@ def _spec_with_layout(rng, sq, heads, kv_heads):
 
 @pytest.mark.parametrize("trial", range(5))
 def test_cpu_kernel_walks_the_layout_exactly(trial, seed):
-    """Random block masks (block 16..64, ragged ends, per head or shared) and token-level masks with hidden tiles:
+    """Random block masks (blocks of 32 or 64, ragged ends, per head or shared) and token-level masks with hidden tiles:
     the kernel that walks only the listed tiles matches the reference that adds the whole mask."""
     rng = np.random.default_rng(seed + 100 * trial)
     kv_heads = int(rng.choice([1, 2]))
     heads = kv_heads * int(rng.choice([1, 2]))
-    sq = int(rng.integers(40, 200))
-    skv = sq
-    spec = _spec_with_layout(rng, sq, heads, kv_heads)
     mask_heads = int(rng.choice([1, heads]))
-    if trial % 2:
-        mask, _ = _block_mask(rng, mask_heads, sq, skv, int(rng.choice([16, 32, 64])), density=0.3)
-    else:  # token-level: random keys in random 32 x 32 tiles, the others wholly hidden
+    if trial % 2:  # blocks of 32 or 64 (whole CPU tiles), ragged end; the first row's last block hidden
+        bs = int(rng.choice([32, 64]))
+        sq = skv = int(rng.integers(2 * bs + 1, 4 * bs))
+        nb = -(-sq // bs)
+        layout = rng.random((mask_heads, nb, nb)) < 0.3
+        layout[:, np.arange(nb), np.arange(nb)] = True
+        layout[:, 0, -1] = False
+        keep = layout.repeat(bs, 1).repeat(bs, 2)[:, :sq, :skv]
+        mask = np.where(keep, np.float32(0), HIDE)
+    else:  # token-level: random keys in random 32 x 32 tiles, the others (and the top-right one) wholly hidden
+        sq = skv = int(rng.integers(40, 200))
         mask = np.where(rng.random((mask_heads, sq, skv)) < 0.5, np.float32(0), HIDE)
         tiles_hidden = rng.random((mask_heads, -(-sq // 32), -(-skv // 32))) < 0.5
+        tiles_hidden[:, 0, -1] = True
         mask = np.where(tiles_hidden.repeat(32, 1).repeat(32, 2)[:, :sq, :skv], HIDE, mask)
         mask[:, np.arange(sq), np.arange(sq)] = 0.0  # every row sees itself
+    spec = _spec_with_layout(rng, sq, heads, kv_heads)
     tiles = cpu_tiles(spec)
     layout = block_layout.tile_layout(mask, heads, tiles.tq, tiles.tk)
     assert layout is not None and not layout.all()

@@ -7,9 +7,13 @@ runs the Triton block-sparse kernel, embedded as a cubin; a mask that is not uni
 flash_attention_cuda with the mask and says why. Must-not-fire: a mask with no hidden tile stays an ordinary masked
 site."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
+from test_triton_embed import _LOAD_WITHOUT_TRITON
 
 import llmcc
 from llmcc import cuda
@@ -83,6 +87,10 @@ def test_cuda_runs_the_triton_kernel(aot_env, seed, tmp_path):
     info = cuda.cuda_binary_info(art / "model.so")
     names = [n for n in info["kernel_names"] if n.startswith("llmcc_triton_bsa_")]
     assert len(names) == 1 and names[0] in info["sass_kernels"]["sm_80"]
+    # the artifact loads without Triton (up to needing a GPU here)
+    run = subprocess.run([sys.executable, "-c", _LOAD_WITHOUT_TRITON, str(art), names[0]], capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0 and "OK" in run.stdout, run.stdout + run.stderr[-3000:]
 
 
 def test_cuda_keeps_the_mask_when_blocks_are_not_uniform(aot_env, seed, tmp_path):
