@@ -1,7 +1,9 @@
 """Target registry: the names users pass (``cpu``, ``cuda``, ``cuda:sm_90``...) and what they compile for.
 
 A ``TargetSpec`` is a frozen description keyed by name; ``resolve`` turns a user's string into one, detecting the
-host CPU's usable features or the local GPU's arch where the name leaves them open.
+host CPU's usable features or the local GPU's arch where the name leaves them open. ``TargetSpec.model()`` gives the
+figures kernels take their tile sizes from: ``CudaArch`` (SM count, shared memory per SM and per block, L2; in
+``CUDA_ARCH_MODELS`` here) or the CPU's ``CpuModel`` (vector width, cores, registers, L1; llmcc.schedules).
 """
 
 from __future__ import annotations
@@ -21,6 +23,46 @@ _AVX512_FLAGS = ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512cd", "avx
 
 
 @dataclass(frozen=True)
+class CudaArch:
+    """What CUDA kernels size their tiles from, per compute capability (NVIDIA's tuning guides; the SM count of
+    the data-center part named in ``example``). Shared memory figures are bytes."""
+
+    arch: str
+    example: str
+    sms: int
+    smem_per_sm: int             # shared memory an SM holds for resident blocks
+    smem_per_block_optin: int    # the most one block may use, opting in at launch
+    l2_bytes: int
+    registers_per_sm: int = 65536
+    max_threads_per_block: int = 1024
+    warp: int = 32
+    static_smem_per_block: int = 48 * 1024  # __shared__ a kernel may declare without opting in
+
+    def smem_budget(self, resident_blocks: int) -> int:
+        """Static shared memory per block that keeps ``resident_blocks`` blocks on one SM (4 KB steps), at most
+        the static limit."""
+        return min(self.static_smem_per_block, self.smem_per_sm // resident_blocks // 4096 * 4096)
+
+
+CUDA_ARCH_MODELS: dict[str, CudaArch] = {a.arch: a for a in (
+    CudaArch("sm_80", "A100", sms=108, smem_per_sm=164 * 1024, smem_per_block_optin=163 * 1024, l2_bytes=40 << 20),
+    CudaArch("sm_86", "A10", sms=72, smem_per_sm=100 * 1024, smem_per_block_optin=99 * 1024, l2_bytes=6 << 20),
+    CudaArch("sm_87", "Jetson AGX Orin", sms=16, smem_per_sm=164 * 1024, smem_per_block_optin=163 * 1024,
+             l2_bytes=4 << 20),
+    CudaArch("sm_89", "L4", sms=58, smem_per_sm=100 * 1024, smem_per_block_optin=99 * 1024, l2_bytes=48 << 20),
+    CudaArch("sm_90", "H100 SXM", sms=132, smem_per_sm=228 * 1024, smem_per_block_optin=227 * 1024,
+             l2_bytes=50 << 20),
+)}
+
+
+def cuda_arch(arch: str) -> CudaArch:
+    """The CudaArch of ``arch`` ("sm_80"); an unknown arch lists the known ones."""
+    if arch not in CUDA_ARCH_MODELS:
+        raise LlmccError(f"unknown CUDA arch '{arch}'; llmcc knows {', '.join(CUDA_ARCH_MODELS)}")
+    return CUDA_ARCH_MODELS[arch]
+
+
+@dataclass(frozen=True)
 class TargetSpec:
     """What one registry name compiles for."""
 
@@ -35,6 +77,14 @@ class TargetSpec:
     @property
     def is_gpu(self) -> bool:
         return self.kind == "cuda"
+
+    def model(self):
+        """The figures kernels size their tiles from: a CudaArch, or the CPU's CpuModel (llmcc.schedules)."""
+        if self.is_gpu:
+            return cuda_arch(self.arch)
+        from llmcc.schedules.cpu_model import CpuModel
+
+        return CpuModel.get(self.tvm_target())
 
     def tvm_target(self):
         import tvm

@@ -42,3 +42,26 @@ def test_cpu_drops_features_the_os_does_not_enable(monkeypatch):
         assert "-avx512f" not in spec.mattr and "-avx512bf16" in spec.mattr and "avx512vnni" in spec.features
     finally:
         targets.host_cpu.cache_clear()
+
+
+def test_every_cuda_arch_has_its_figures():
+    from llmcc.kernels.flash_attention_cuda import ARCHS
+
+    for arch in set(targets.CUDA_ARCHS) | set(ARCHS):
+        m = targets.cuda_arch(arch)
+        assert m.sms > 0 and m.smem_per_block_optin <= m.smem_per_sm and m.static_smem_per_block == 48 * 1024
+    for arch in targets.CUDA_ARCHS:
+        assert targets.resolve(f"cuda:{arch}").model() == targets.cuda_arch(arch)
+    # three resident blocks: 48 KB where an SM holds 164 KB or more, 32 KB on the 100 KB parts
+    assert targets.cuda_arch("sm_80").smem_budget(3) == 48 * 1024
+    assert targets.cuda_arch("sm_90").smem_budget(3) == 48 * 1024
+    assert targets.cuda_arch("sm_86").smem_budget(3) == targets.cuda_arch("sm_89").smem_budget(3) == 32 * 1024
+    with pytest.raises(LlmccError, match="unknown CUDA arch 'sm_75'"):
+        targets.cuda_arch("sm_75")
+
+
+def test_cpu_target_model_is_the_schedules_cpu_model():
+    from llmcc.schedules.cpu_model import CpuModel
+
+    cpu = targets.resolve("cpu")
+    assert cpu.model() == CpuModel.get(cpu.tvm_target())

@@ -58,11 +58,12 @@ from dataclasses import dataclass, field, replace
 
 from llmcc.kernels.flash_attention import NEG_LARGE, AttentionSpec, attention_prim_func, axes_index
 
-__all__ = ["ARCHS", "SMEM_LIMIT", "CudaTiles", "cuda_tiles", "flash_attention_cuda", "shared_memory_bytes"]
+__all__ = ["ARCHS", "SMEM_LIMIT", "CudaTiles", "cuda_tiles", "flash_attention_cuda", "shared_memory_bytes",
+           "smem_budget"]
 
 ARCHS = ("sm_80", "sm_86", "sm_87", "sm_89", "sm_90")
 SMEM_LIMIT = 48 * 1024  # static __shared__ per block: the most a kernel may declare without opting in at launch
-_SMALL_SMEM_ARCHS = {"sm_86": 32 * 1024, "sm_89": 32 * 1024}  # 100 KB per SM: keep three blocks resident
+RESIDENT_BLOCKS = 3  # blocks per SM the tiles leave room for (latency hiding across blocks' barriers)
 WARP = 32
 FULL_MASK = 0xFFFFFFFF
 DECODE_MAX_ROWS = 8  # static q_len up to this uses the split-key decode mapping
@@ -127,11 +128,19 @@ def shared_memory_bytes(spec: AttentionSpec, tiles: CudaTiles) -> int:
             + nw * tiles.tq * dv * 4 + 2 * nw * tiles.tq * 4)
 
 
+def smem_budget(arch: str) -> int:
+    """Shared memory one block may declare on ``arch`` (the target registry's CudaArch): 48 KB, or less where the SM
+    holds too little for RESIDENT_BLOCKS blocks of it (32 KB on sm_86 / sm_89, 100 KB per SM)."""
+    from llmcc.targets import cuda_arch
+
+    return cuda_arch(arch).smem_budget(RESIDENT_BLOCKS)
+
+
 def cuda_tiles(spec: AttentionSpec, arch: str = "sm_80") -> CudaTiles:
     """The tile config for ``spec`` on ``arch``: a base by head dim and dtype, shrunk until it fits shared memory."""
     if arch not in ARCHS:
         raise ValueError(f"unsupported CUDA architecture {arch!r}: expected one of {', '.join(ARCHS)}")
-    budget = _SMALL_SMEM_ARCHS.get(arch, SMEM_LIMIT)
+    budget = smem_budget(arch)
     dmax, wide = max(spec.head_dim, spec.value_dim), spec.dtype == "float32"
     if spec.q_len is not None and spec.q_len <= DECODE_MAX_ROWS:
         base = CudaTiles("decode", tq=spec.q_len, tk=64, threads=256, rq=1, rk=8,

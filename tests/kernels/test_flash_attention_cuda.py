@@ -156,7 +156,7 @@ def test_shared_memory_fits_and_no_buffer_grows_with_sequence(name, arch):
         assert all(isinstance(d, tvm.tirx.IntImm) for d in buf.shape), (buf.name, buf.shape)
         assert buf.scope() in ("shared", "local"), (buf.name, buf.scope())
     shared = sum(nbytes(b) for b in bufs if b.scope() == "shared")
-    limit = fac._SMALL_SMEM_ARCHS.get(arch, fac.SMEM_LIMIT)
+    limit = fac.smem_budget(arch)
     assert shared <= limit <= 48 * 1024
     assert shared == fac.shared_memory_bytes(spec, fac.cuda_tiles(spec, arch))
     assert tvm.s_tir.analysis.calculate_allocated_bytes(func)["main"]["shared"] == shared
@@ -167,7 +167,7 @@ def test_shared_memory_fits_and_no_buffer_grows_with_sequence(name, arch):
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("arch", ALL_ARCHS)
 def test_tile_configs_fit_for_every_head_dim(dtype, arch):
-    limit = fac._SMALL_SMEM_ARCHS.get(arch, fac.SMEM_LIMIT)
+    limit = fac.smem_budget(arch)
     for d, dv in [(16, 16), (32, 32), (40, 40), (64, 64), (80, 80), (96, 96), (128, 128), (128, 64), (160, 160),
                   (192, 128), (256, 256)]:
         for q_len in (None, 1, 4, 8, 9):
