@@ -3,7 +3,7 @@
     graph     llmcc's graph passes on the imported Relax (LoRA branches folded, QDQ weights kept int8, attention
               fusion)
     quantize  matmul weights packed to the accuracy gate's plan, dequantization fused into the matmul
-    weights   weights become parameters, stored beside the library
+    weights   CPU matmul weights packed into the kernel's panels; weights become parameters, stored beside the library
     lower     ops become TIR PrimFuncs, fused
     schedule  tuned schedules from a tuning database (llmcc.tuning) where one matches the target, then schedule
               rules from llmcc.schedules for the target
@@ -32,6 +32,7 @@ from llmcc.passes.expand_integer_power import ExpandIntegerPower
 from llmcc.passes.fuse_attention import FuseAttention
 from llmcc.passes.fuse_dequantize_matmul import FuseDequantizeMatmul
 from llmcc.passes.lift_weights import LiftWeights
+from llmcc.passes.pack_matmul_weights import PackMatmulWeights
 from llmcc.passes.quantize_weights import QuantizeWeights
 from llmcc.targets import TargetSpec
 
@@ -136,7 +137,7 @@ def quantize_phase(target: TargetSpec, options: PipelineOptions) -> list:
 
 
 def weights_phase(target: TargetSpec, options: PipelineOptions) -> list:
-    return [LiftWeights()]
+    return [PackMatmulWeights(target), LiftWeights()]
 
 
 def lower_phase(target: TargetSpec, options: PipelineOptions) -> list:

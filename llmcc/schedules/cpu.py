@@ -94,6 +94,14 @@ def _work_is_large(model: CpuModel, extents, injective: bool = False) -> bool:
     return total >= (model.parallel_min_elems if injective else model.parallel_min_work)
 
 
+def _static_product(extents) -> int:
+    """The product of the static extents (symbolic ones count 1)."""
+    total = 1
+    for e in extents:
+        total *= _static(e) or 1
+    return total
+
+
 def _dtype_bits(sch: s_tir.Schedule, block) -> int:
     writes = sch.get(block).writes
     return writes[0].source.dtype.bits if writes else 32
@@ -221,7 +229,8 @@ class CpuMatmul(_CpuRule):
     """Register-tiled, vectorized, parallel matmul / batch matmul / GEMV with an optional injective epilogue."""
 
     def _match(self, sch, info):
-        """(batch iters, m iter or None, n iter, k iter) if the block is C[.., m, n] += A[.., m, k] * B[.., k, n]."""
+        """(batch iters, m iter or None, n iter, k iter) if the block is C[.., m, n] += A[.., m, k] * B[.., k, n]
+        (batch iters may index B only: a panel-packed weight's panels, passes/pack_matmul_weights.py)."""
         block = sch.get(info.block_rv)
         store = block.body
         if not isinstance(store, tvm.tirx.stmt.BufferStore) or len(block.writes) != 1:
@@ -268,11 +277,12 @@ class CpuMatmul(_CpuRule):
             return None
         if k.var not in x_vars or k.var not in y_vars:
             return None
+        # m: the innermost output axis A reads and B does not (a panel-packed weight's panel axis sits between)
         m = None
-        if len(store.indices) >= 2 and isinstance(store.indices[-2], tirx.Var):
-            cand = by_var[store.indices[-2]]
-            if cand.var in x_vars and cand.var not in y_vars:
-                m = cand
+        for idx in reversed(store.indices[:-1]):
+            if isinstance(idx, tirx.Var) and idx in x_vars and idx not in y_vars:
+                m = by_var[idx]
+                break
         batch = [it for it in spatial if it is not n and it is not m]
         return batch, m, n, k
 
@@ -327,7 +337,9 @@ class CpuMatmul(_CpuRule):
         n_loop, k_loop = loops[pos[id(n)]], loops[pos[id(k)]]
         batch_loops = [loops[pos[id(it)]] for it in batch]
 
-        chunk = model.gemv_chunk(n_vectors) if gemv and n_vectors and not padded else None
+        # static batch axes (a panel-packed weight's panels) are parallel tasks already: N needs fewer chunks
+        chunk = model.gemv_chunk(n_vectors, _static_product([it.dom for it in batch])) \
+            if gemv and n_vectors and not padded else None
         if chunk is not None:
             return self._stream_rows(sch, block, epi, batch_loops, m_loop, n_loop, k_loop, chunk * lanes, lanes,
                                      _work_is_large(model, [it.dom for it in main.iters]), model)

@@ -69,19 +69,24 @@ class CpuModel:
             return 1, max(v for v in (good or [1]) if v <= 4)
         best = (0, 0, 0)
         for nv in divisors:
-            mr = min((regs - 1 - nv) // nv, self.max_tile_rows)
+            mr = self.matmul_tile_rows(nv)
             if mr >= 1 and (mr * nv, mr) > best[:2]:
                 best = (mr * nv, mr, nv)
         return (best[1], best[2]) if best[0] else (1, 1)
 
-    def gemv_chunk(self, n_vectors: int) -> int | None:
+    def matmul_tile_rows(self, n_vectors: int) -> int:
+        """Rows MR of a register tile NV vectors wide: MR*NV accumulators + NV loads of B + one broadcast of A fit
+        the register file (0: NV is too wide)."""
+        return min((self.vector_registers - 1 - n_vectors) // n_vectors, self.max_tile_rows)
+
+    def gemv_chunk(self, n_vectors: int, other_tasks: int = 1) -> int | None:
         """Vectors of N per thread of a GEMV (M = 1) that streams whole weight rows: the largest divisor of N's
-        vector count whose accumulator (``chunk`` vectors) fits half of L1 and that still gives every core a chunk.
-        None when N is too narrow to split."""
+        vector count whose accumulator (``chunk`` vectors) fits half of L1 and that, with ``other_tasks`` parallel
+        tasks from other axes, still gives every core a chunk. None when N is too narrow to split."""
         cap = self.l1_bytes // 2 // (self.vector_bits // 8)
         best = None
         for v in range(1, min(n_vectors, cap) + 1):
-            if n_vectors % v == 0 and n_vectors // v >= self.cores:
+            if n_vectors % v == 0 and n_vectors // v * other_tasks >= self.cores:
                 best = v
         return best
 
