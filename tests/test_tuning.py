@@ -252,3 +252,67 @@ def test_db_list_merge_prune(tuned, tmp_path, capsys):
         k: 1 for k in TuningDatabase(db).targets()}}
     assert main(["db", "prune", str(merged.path), "--target", "cuda:sm_x"]) == 2
     assert "--target cuda:sm_x" in capsys.readouterr().err
+
+
+def _big_shared_memory_record(arch):
+    """C = A @ B with all of B [256, 128] copied into shared memory by every block (128 KiB: fits sm_90's 227 KiB,
+    not sm_86's 99 KiB), as a record measured on ``arch``."""
+    import tvm
+    from tvm import s_tir, te
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule.database import TuningRecord, Workload
+
+    from llmcc.tuning import workload_module
+
+    a, b = te.placeholder((64, 256), name="A"), te.placeholder((256, 128), name="B")
+    k = te.reduce_axis((0, 256), "k")
+    c = te.compute((64, 128), lambda i, j: te.sum(a[i, k] * b[k, j], axis=k), name="C")
+    func = te.create_prim_func([a, b, c])
+    sch = s_tir.Schedule(workload_module(func))
+    block = sch.get_sblock("C")
+    tile = sch.cache_read(block, 1, "shared.dyn")
+    i, j, _ = sch.get_loops(block)
+    sch.bind(i, "blockIdx.x")
+    sch.bind(j, "threadIdx.x")
+    sch.compute_at(tile, i)
+    sch.bind(sch.get_loops(tile)[-1], "threadIdx.x")
+    record = TuningRecord(sch.trace, Workload(workload_module(func)), [1e-5],
+                          tvm.target.Target({"kind": "cuda", "arch": arch}), ms.arg_info.ArgInfo.from_prim_func(func))
+    return func, record
+
+
+@pytest.mark.cuda_build
+@pytest.mark.skipif(not (shutil.which("nvcc") or os.access("/usr/local/cuda/bin/nvcc", os.X_OK)),
+                    reason="needs nvcc (CUDA toolkit)")
+def test_cuda_record_transfers_to_newer_archs_or_is_dropped_with_a_reason(tmp_path):
+    """An sm_80 record replays and builds (nvcc) for sm_90, in a whole compile, and for sm_86; an sm_90 record
+    whose shared memory exceeds sm_86's is dropped there, and the report says why."""
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule.database import TuningRecord, Workload
+
+    import llmcc
+    from llmcc.targets import resolve
+    from llmcc.tuning import TuningDatabase, choose_schedule, lowered_kernels, workload_module
+    from llmcc.tuning.search import _rule_trace
+
+    model = _matmul_onnx(tmp_path / "mm.onnx")
+    sm80 = resolve("cuda:sm_80")
+    (name, func, _, _), = lowered_kernels(model, sm80)
+    db = TuningDatabase(tmp_path / "db", create=True)
+    db.add([TuningRecord(_rule_trace(func, sm80), Workload(workload_module(func)), [2e-6], sm80.tvm_target(),
+                         ms.arg_info.ArgInfo.from_prim_func(func))])
+    module = llmcc.compile(model, target="cuda:sm_90", tuning_db=db.path, verify=False)
+    assert _tuning(module)[name] == {"kernel": name, "provenance": "transferred:cuda:sm_80", "source_time_us": 2.0}
+    assert module.report["cuda_binary"]["sass_archs"] == ["sm_90"]
+    with resolve("cuda:sm_86").tvm_target() as sm86:
+        assert choose_schedule(db, func, sm86).provenance == "transferred:cuda:sm_80"
+
+    big, record = _big_shared_memory_record("sm_90")
+    db.add([record])
+    with resolve("cuda:sm_86").tvm_target() as sm86:
+        choice = choose_schedule(db, big, sm86)
+    assert choice.provenance == "rule" and choice.func is None
+    assert choice.dropped == ("cuda:sm_90: exceeds sm_86's limits (1024 threads, 99 KiB shared memory per block)",)
+    with tvm.target.Target({"kind": "cuda", "arch": "sm_90"}) as sm90:
+        assert choose_schedule(db, big, sm90).provenance == "tuned"

@@ -297,9 +297,7 @@ class ShardWriter:
         self.count = 0
 
     def append(self, record) -> None:
-        from tvm.s_tir.meta_schedule.database import TuningRecord
-
-        self.append_json(record.workload.as_json(), TuningRecord.as_json(record))
+        self.append_json(record.workload.as_json(), record_json(record))
 
     def append_json(self, workload_json: list, record_json: list) -> None:
         """Append one record given as MetaSchedule JSON (its workload line, its record without the index)."""
@@ -318,6 +316,35 @@ class ShardWriter:
         if not self.count:  # leave no empty shard behind
             self.workload_file.unlink(missing_ok=True)
             self.record_file.unlink(missing_ok=True)
+
+
+_scratch_database = None
+
+
+def record_json(record) -> list:
+    """A TuningRecord as MetaSchedule's JSON ([trace, run_secs, target, args_info]).
+
+    TuningRecord.as_json converts on the Python side, which fails on traces holding an IndexMap (dlight's CUDA
+    schedules, any transform_layout); MetaSchedule's C++ JSONDatabase writes those. Such records go through a
+    scratch JSONDatabase, and the line it appended is read back."""
+    global _scratch_database
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule.database import TuningRecord
+
+    try:
+        return TuningRecord.as_json(record)
+    except TypeError:
+        pass
+    if _scratch_database is None:
+        _scratch_database = ms.database.JSONDatabase(work_dir=tempfile.mkdtemp(prefix="llmcc-record-json-"))
+    scratch = _scratch_database
+    workload = scratch.commit_workload(record.workload.mod)
+    end = os.path.getsize(scratch.path_tuning_record)
+    scratch.commit_tuning_record(TuningRecord(record.trace, workload, record.run_secs, record.target,
+                                              record.args_info))
+    with open(scratch.path_tuning_record, "rb") as f:
+        f.seek(end)
+        return json.loads(f.read())[1]
 
 
 def _write_compacted(path: Path, workloads: dict, entries: list, replaced: list[Path]) -> None:

@@ -20,15 +20,15 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
 from llmcc.errors import LlmccError
 from llmcc.tuning.database import TuningDatabase, open_database, run_secs, workload_hash, workload_module
 from llmcc.tuning.keys import cuda_limits, describe_key, key_target, target_key, transfer_order
-from llmcc.tuning.transfer import check_fits, replay
+from llmcc.tuning.transfer import check_fits, replay, tensor_intrinsics_only
 
 BUILD_FUNC = "llmcc.tuning.build"
 TRANSFER_SEEDS_PER_KERNEL = 4
@@ -65,36 +65,6 @@ def _register_build() -> None:
 
             return cuda.build(mod, str(target.attrs["arch"]), pipeline=None)
         return tvm.tirx.build(mod, target=target)
-
-
-@contextlib.contextmanager
-def _cpu_tensor_intrinsics_only():
-    """MetaSchedule's TuneContext imports tvm.s_tir.tensor_intrin, whose package imports every CUDA tensor
-    intrinsic (~30 s of TVMScript parsing, more on a busy machine). For CPU tuning only the x86 ones matter: stand in
-    a package module that loads just those while the contexts are made (submodules still import on demand)."""
-    import importlib
-    import importlib.util
-    import sys
-    import types
-
-    name = "tvm.s_tir.tensor_intrin"
-    if name in sys.modules:
-        yield
-        return
-    import tvm.s_tir
-
-    real = importlib.util.find_spec(name)
-    stub = types.ModuleType(name)
-    stub.__path__ = list(real.submodule_search_locations)
-    stub.__package__ = name
-    sys.modules[name] = stub
-    try:
-        importlib.import_module(name + ".x86")
-        yield
-    finally:
-        sys.modules.pop(name, None)
-        if getattr(tvm.s_tir, "tensor_intrin", None) is stub:
-            del tvm.s_tir.tensor_intrin
 
 
 def tuning_target(spec, num_cores: int | None = None):
@@ -406,7 +376,7 @@ def tune(model, target: str = "cpu", db_dir=None, trials: int = 64, *, trials_pe
         with db.writer() as shard:
             if tunable:
                 session = _session_database(before, shard)
-                intrinsics = contextlib.nullcontext() if spec.is_gpu else _cpu_tensor_intrinsics_only()
+                intrinsics = contextlib.nullcontext() if spec.is_gpu else tensor_intrinsics_only("x86")
                 with intrinsics:
                     contexts = [ms.TuneContext(
                         mod=workload_module(f), target=ms_target, space_generator="post-order-apply",

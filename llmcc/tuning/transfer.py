@@ -14,6 +14,11 @@ A record's time is the time measured on its own target (``source_time_us``): for
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import importlib.util
+import sys
+import types
 from dataclasses import dataclass
 
 from llmcc.tuning.database import run_secs, workload_module
@@ -32,10 +37,42 @@ class ScheduleChoice:
     dropped: tuple[str, ...] = ()        # "<key>: why" for every record tried and not used
 
 
+@contextlib.contextmanager
+def tensor_intrinsics_only(*families: str):
+    """Import only these tensor-intrinsic families (``"x86"``, ``"cuda"``) of tvm.s_tir.tensor_intrin while the
+    block runs, when the package is not imported yet.
+
+    Why: MetaSchedule's TuneContext imports the package, whose ``__init__`` imports every intrinsic (the CUDA ones
+    are ~30 s of TVMScript parsing, minutes on a busy machine). A stand-in package module loads just the families
+    asked for (submodules still import on demand)."""
+    name = "tvm.s_tir.tensor_intrin"
+    if name in sys.modules:
+        yield
+        return
+    import tvm.s_tir
+
+    real = importlib.util.find_spec(name)
+    stub = types.ModuleType(name)
+    stub.__path__ = list(real.submodule_search_locations)
+    stub.__package__ = name
+    sys.modules[name] = stub
+    try:
+        for family in families:
+            importlib.import_module(f"{name}.{family}")
+        yield
+    finally:
+        sys.modules.pop(name, None)
+        if getattr(tvm.s_tir, "tensor_intrin", None) is stub:
+            del tvm.s_tir.tensor_intrin
+
+
 def replay(func, record):
     """``func`` scheduled by ``record``'s trace (its attributes kept, marked tirx.is_scheduled)."""
     from tvm import s_tir
 
+    if "Tensorize" in str(record.trace):  # the trace names tensor intrinsics: register its target's family
+        importlib.import_module("tvm.s_tir.tensor_intrin." + ("cuda" if target_key(record.target)[0] == "cuda"
+                                                              else "x86"))
     sch = s_tir.Schedule(workload_module(func))
     record.trace.apply_to_schedule(sch, remove_postproc=False)
     new = sch.mod["main"]
@@ -66,7 +103,8 @@ def check_fits(scheduled, target) -> str | None:
                                  "max_shared_memory_per_block": limits.max_dynamic_shared_bytes,
                                  "max_threads_per_block": limits.max_threads_per_block})
     verify = ms.postproc.VerifyGPUCode()
-    verify._initialize_with_tune_context(ms.TuneContext(mod=workload_module(scheduled), target=checked))
+    with tensor_intrinsics_only():  # the check needs none; TuneContext would import them all
+        verify._initialize_with_tune_context(ms.TuneContext(mod=workload_module(scheduled), target=checked))
     if not verify.apply(s_tir.Schedule(workload_module(scheduled))):
         return (f"exceeds {key[1]}'s limits ({limits.max_threads_per_block} threads, "
                 f"{limits.max_dynamic_shared_bytes // 1024} KiB shared memory per block)")
