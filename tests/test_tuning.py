@@ -3,6 +3,7 @@ a folder; compile applies a record for its own target, or a transferred one of t
 and says which in the report; the folder survives corrupt lines, kills and concurrent writers; ``llmcc db``
 lists, merges and prunes it."""
 
+import contextlib
 import json
 import logging
 import os
@@ -134,33 +135,6 @@ def test_transfer_order():
 
     with pytest.raises(LlmccError, match="--target cuda:sm_x"):
         parse_target("cuda:sm_x")
-
-
-def test_resume_counts_existing_records(tuned, tmp_path):
-    from llmcc.tuning import tune
-
-    model, db, summary, _ = tuned
-    copy = tmp_path / "db"
-    shutil.copytree(db, copy)
-    lines = []
-    again = tune(model, "cpu", copy, trials=summary["records_added"], population=32, seed=0, progress=lines.append)
-    assert again["trials_before"] == summary["records_added"] and again["trials_run"] == 0
-    assert "nothing to run" in lines[-1]
-
-
-def test_transfer_from_seeds_the_search(tuned, tmp_path):
-    """--transfer-from: records of another target, replayed and measured here before the search."""
-    from llmcc.targets import resolve
-    from llmcc.tuning import TuningDatabase, tune
-
-    model, db, _, _ = tuned
-    other = TuningDatabase(tmp_path / "other", create=True)
-    other.add(_retargeted(db, AVX2_ONLY))
-    result = tune(model, "cpu", tmp_path / "new", trials=2, population=32, seed=0, transfer_from=other.path)
-    (row,) = result["kernels"]
-    assert "llvm::+avx2,+fma" in row["seeded_from"] and row["best_us"] > 0
-    mine = {str(r.trace) for r in TuningDatabase(tmp_path / "new").records(resolve("cpu"))}
-    assert mine & {str(r.trace) for r in other.records()}
 
 
 def test_corrupt_line_is_skipped_with_a_warning_and_missing_db_is_an_error(tuned, tmp_path, caplog):
@@ -316,3 +290,82 @@ def test_cuda_record_transfers_to_newer_archs_or_is_dropped_with_a_reason(tmp_pa
     assert choice.dropped == ("cuda:sm_90: exceeds sm_86's limits (1024 threads, 99 KiB shared memory per block)",)
     with tvm.target.Target({"kind": "cuda", "arch": "sm_90"}) as sm90:
         assert choose_schedule(db, big, sm90).provenance == "tuned"
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def rpc_tracker_with_two_servers():
+    """"127.0.0.1:PORT" of a TVM RPC tracker (tvm.exec.rpc_tracker) with two CPU servers (tvm.exec.rpc_server)
+    under the key "llmcc-test", each in its own process group, killed whole afterwards (a server's forked worker
+    outlives a plain kill)."""
+    from tvm import rpc
+
+    port = _free_port()
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    start = [sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(port),
+             "--port-end", str(port + 1), "--silent"]
+    procs = [subprocess.Popen(start, env=env, start_new_session=True)]
+    try:
+        for _ in range(2):
+            server_port = _free_port()
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", str(server_port),
+                 "--port-end", str(server_port + 20), "--tracker", f"127.0.0.1:{port}", "--key", "llmcc-test",
+                 "--silent"], env=env, start_new_session=True))
+        deadline = time.time() + 120
+        while True:
+            try:
+                if rpc.connect_tracker("127.0.0.1", port).summary()["queue_info"]["llmcc-test"]["free"] == 2:
+                    break
+            except Exception:  # noqa: BLE001 - not up yet
+                pass
+            assert time.time() < deadline, "the RPC tracker and its two servers did not come up in 120 s"
+            time.sleep(0.5)
+        yield f"127.0.0.1:{port}"
+    finally:
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_tune_through_an_rpc_tracker_seeded_from_another_target_then_resumed(tuned, tmp_path,
+                                                                           rpc_tracker_with_two_servers):
+    """Candidates measured by MetaSchedule's RPCRunner on the tracker's two servers land in the database; the
+    search starts from the rule schedule and, with --transfer-from, from another target's records replayed here;
+    a second run with the same trial budget finds them all done."""
+    from llmcc.errors import LlmccError
+    from llmcc.targets import resolve
+    from llmcc.tuning import TuningDatabase, tune
+
+    model, db, _, _ = tuned
+    tracker = rpc_tracker_with_two_servers
+    other = TuningDatabase(tmp_path / "other", create=True)
+    other.add(_retargeted(db, AVX2_ONLY))
+    lines = []
+    first = tune(model, "cpu", tmp_path / "db", trials=7, population=32, seed=0, rpc_tracker=tracker,
+                 rpc_key="llmcc-test", transfer_from=other.path, progress=lines.append)
+    assert first["runner"] == f"rpc {tracker} key llmcc-test (2 servers)"
+    (row,) = first["kernels"]
+    assert row["tuned"] and row["best_us"] > 0 and row["seeded_from"] == ["llvm::+avx2,+fma"]
+    mine = TuningDatabase(tmp_path / "db").records(resolve("cpu"))
+    assert len(mine) == first["trials_run"] >= 3
+    assert {str(r.trace) for r in mine} & {str(r.trace) for r in other.records()}  # the seeds, measured here
+    assert lines and lines[-1].startswith("tune: ")
+
+    again = tune(model, "cpu", tmp_path / "db", trials=first["trials_run"], population=32, seed=0,
+                 rpc_tracker=tracker, rpc_key="llmcc-test", transfer_from=other.path, progress=lines.append)
+    assert again["trials_before"] == first["trials_run"] and again["trials_run"] == 0
+    assert "nothing to run" in lines[-1]
+
+    with pytest.raises(LlmccError, match="--rpc-key nope: no server registered"):
+        tune(model, "cpu", tmp_path / "db", trials=3, rpc_tracker=tracker, rpc_key="nope")
+    with pytest.raises(LlmccError, match="--rpc-tracker 127.0.0.1:1: cannot reach"):
+        tune(model, "cpu", tmp_path / "db", trials=3, rpc_tracker="127.0.0.1:1", rpc_key="llmcc-test")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -226,6 +227,7 @@ def tracker_servers(tracker: str, key: str) -> int:
 
     host, port = parse_tracker(tracker)
     try:
+        socket.create_connection((host, port), timeout=10).close()  # TVM's own connect retries for a minute
         summary = rpc.connect_tracker(host, port).summary()
     except Exception as exc:  # noqa: BLE001 - refused, timed out, not a tracker: the same to the user
         lines = str(exc).strip().splitlines()
