@@ -80,6 +80,9 @@ def _print_summary(report: dict, path) -> None:
         print(f"LoRA: {line}")
     for line in attention_lines(report):
         print(f"attention: {line}")
+    if any(e["provenance"] != "rule" or e.get("dropped") for e in report.get("tuning", [])):
+        for line in tuning_lines(report):
+            print(f"tuning: {line}")
     if "cuda_binary" in report:
         cb = report["cuda_binary"]
         print(f"CUDA binary: SASS {cb.get('sass_archs')}, PTX {cb.get('ptx_archs')}")
@@ -221,10 +224,15 @@ def tuning_lines(report: dict) -> list[str]:
 def cmd_tune(args) -> int:
     from llmcc.tuning import tune
 
-    summary = tune(args.model, args.target, args.db, args.trials, max_workers=args.workers,
-                   num_cores=args.num_cores, seed=args.seed, compare=args.compare, kernels=args.kernel,
-                   population=args.population, transfer_from=args.transfer_from, rpc_tracker=args.rpc_tracker,
-                   rpc_key=args.rpc_key, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    try:
+        summary = tune(args.model, args.target, args.db, args.trials, max_workers=args.workers,
+                       num_cores=args.num_cores, seed=args.seed, compare=args.compare, kernels=args.kernel,
+                       population=args.population, transfer_from=args.transfer_from, rpc_tracker=args.rpc_tracker,
+                       rpc_key=args.rpc_key, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    except KeyboardInterrupt:
+        print(f"llmcc: interrupted; every record measured so far is in {args.db}: run the same command again to "
+              f"resume", file=sys.stderr)
+        return 130
     print(f"tuned for {summary['target']} ({summary['target_key']}, {summary['runner']}) in {summary['seconds']} s: "
           f"{summary['trials_run']} trials run, {summary['trials_before']} were in {summary['db']} already")
     for k in summary["kernels"]:

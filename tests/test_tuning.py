@@ -17,9 +17,8 @@ import time
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
-
 from helpers import ROOT, run_cli
+from onnx import TensorProto, helper, numpy_helper
 
 M, K, N = 64, 128, 128
 KERNEL = "fused_matmul_add_relu"
@@ -267,7 +266,12 @@ def test_cuda_record_transfers_to_newer_archs_or_is_dropped_with_a_reason(tmp_pa
 
     import llmcc
     from llmcc.targets import resolve
-    from llmcc.tuning import TuningDatabase, choose_schedule, lowered_kernels, workload_module
+    from llmcc.tuning import (
+        TuningDatabase,
+        choose_schedule,
+        lowered_kernels,
+        workload_module,
+    )
     from llmcc.tuning.search import _rule_trace
 
     model = _matmul_onnx(tmp_path / "mm.onnx")

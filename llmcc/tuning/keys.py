@@ -132,7 +132,7 @@ def parse_target(text: str, flag: str = "--target") -> tuple:
                      f"llvm:MCPU[:+feature,-feature] or a TVM target dict in JSON")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def vector_features(key: tuple) -> frozenset:
     """The vector features (VECTOR_FEATURE_PREFIXES) LLVM enables for an llvm key's mcpu and mattr."""
     from tvm.target import codegen

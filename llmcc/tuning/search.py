@@ -27,8 +27,20 @@ import time
 from pathlib import Path
 
 from llmcc.errors import LlmccError
-from llmcc.tuning.database import TuningDatabase, open_database, run_secs, workload_hash, workload_module
-from llmcc.tuning.keys import cuda_limits, describe_key, key_target, target_key, transfer_order
+from llmcc.tuning.database import (
+    TuningDatabase,
+    open_database,
+    run_secs,
+    workload_hash,
+    workload_module,
+)
+from llmcc.tuning.keys import (
+    cuda_limits,
+    describe_key,
+    key_target,
+    target_key,
+    transfer_order,
+)
 from llmcc.tuning.transfer import check_fits, replay, tensor_intrinsics_only
 
 BUILD_FUNC = "llmcc.tuning.build"
@@ -264,8 +276,8 @@ def _make_runner(spec, rpc_tracker: str | None, rpc_key: str | None, number: int
 def _progress_callback(names: list[str], trials: int, report):
     """A MetaSchedule measure callback calling ``report(line)`` after each measured batch: trials done, best time
     per kernel and the ETA (elapsed time per trial so far times the trials left)."""
-    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
     from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
 
     @derived_object
     class Progress(PyMeasureCallback):
@@ -293,9 +305,9 @@ def _progress_callback(names: list[str], trials: int, report):
 def _session_database(seed_records, writer):
     """The database MetaSchedule tunes against: in memory, holding this target's records already in the folder
     (the search's seeds, never re-measured), and appending every new record to ``writer``'s shard as committed."""
+    from tvm.ir.utils import derived_object
     from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.meta_schedule.database import PyDatabase
-    from tvm.ir.utils import derived_object
 
     @derived_object
     class SessionDatabase(PyDatabase):
@@ -345,7 +357,6 @@ def tune(model, target: str = "cpu", db_dir=None, trials: int = 64, *, trials_pe
     "records_added", "seconds", "kernels": [{"kernel", "tuned", "reason", "best_us", "rule_measured_us",
     "seeded_from", "rule_us", "tuned_us"}]}.
     """
-    from tvm import s_tir
     from tvm.s_tir import meta_schedule as ms
 
     from llmcc.targets import resolve
