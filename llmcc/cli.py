@@ -252,11 +252,6 @@ def cmd_tune(args) -> int:
     return 0
 
 
-def _skipped_lines(result: dict) -> None:
-    for warning in result.get("skipped_lines", []):
-        print(f"warning: {warning}", file=sys.stderr)
-
-
 def cmd_db(args) -> int:
     from llmcc import tuning
 
@@ -275,7 +270,6 @@ def cmd_db(args) -> int:
         keys = [tuning.parse_target(t) for t in args.target or []]
         result = tuning.prune_database(args.db, keys, keep_best=args.keep_best)
         print(f"pruned {result['db']}: kept {result['kept']} records, dropped {result['dropped']}")
-    _skipped_lines(result)
     return 0
 
 
@@ -370,9 +364,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warnings() -> None:
+    """llmcc's warnings (a tuning database line skipped...) on stderr, one line each, prefixed like errors."""
+    import logging
+
+    class Stderr(logging.Handler):
+        def emit(self, record) -> None:  # the current sys.stderr, not the one at setup (main runs in tests too)
+            print(f"llmcc: warning: {record.getMessage()}", file=sys.stderr)
+
+    log = logging.getLogger("llmcc")
+    if not any(type(h).__name__ == "Stderr" for h in log.handlers):
+        log.addHandler(Stderr(logging.WARNING))
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _show_warnings()
     from llmcc.errors import LlmccError
 
     try:

@@ -296,6 +296,31 @@ def test_cuda_record_transfers_to_newer_archs_or_is_dropped_with_a_reason(tmp_pa
         assert choose_schedule(db, big, sm90).provenance == "tuned"
 
 
+@pytest.mark.cuda_build
+@pytest.mark.skipif(not (shutil.which("nvcc") or os.access("/usr/local/cuda/bin/nvcc", os.X_OK)),
+                    reason="needs nvcc (CUDA toolkit)")
+def test_cuda_tuning_builds_candidates_in_builder_workers_and_needs_a_tracker(tmp_path):
+    """What ``llmcc tune --target cuda:ARCH`` can do without a GPU: its candidates build (nvcc, in MetaSchedule's
+    builder processes) into artifacts an RPC runner uploads; measuring them needs --rpc-tracker."""
+    from tvm import s_tir
+    from tvm.s_tir import meta_schedule as ms
+
+    from llmcc.errors import LlmccError
+    from llmcc.targets import resolve
+    from llmcc.tuning import tune, workload_module
+    from llmcc.tuning.search import BUILD_FUNC, _register_build, _rule_trace, tuning_target
+
+    spec = resolve("cuda:sm_90")
+    func, _ = _big_shared_memory_record("sm_90")
+    sch = s_tir.Schedule(workload_module(func))
+    _rule_trace(func, spec).apply_to_schedule(sch, remove_postproc=False)
+    builder = ms.builder.LocalBuilder(max_workers=1, timeout_sec=120, f_build=BUILD_FUNC, initializer=_register_build)
+    (built,) = builder.build([ms.builder.BuilderInput(sch.mod, tuning_target(spec))])
+    assert built.error_msg is None and os.path.getsize(built.artifact_path) > 0
+    with pytest.raises(LlmccError, match="tuning for cuda:sm_90 measures on a GPU: pass --rpc-tracker"):
+        tune(tmp_path / "none.onnx", "cuda:sm_90", tmp_path / "db")
+
+
 def _free_port():
     import socket
 

@@ -76,7 +76,7 @@ def _register_build() -> None:
         if target.kind.name == "cuda":  # nvcc into a fatbin for the arch, as llmcc.compile builds
             from llmcc import cuda
 
-            return cuda.build(mod, str(target.attrs["arch"]), pipeline=None)
+            return cuda.build(mod, str(target.attrs["arch"]), pipeline=None).mod  # the runtime module to export
         return tvm.tirx.build(mod, target=target)
 
 
