@@ -266,12 +266,7 @@ def test_cuda_record_transfers_to_newer_archs_or_is_dropped_with_a_reason(tmp_pa
 
     import llmcc
     from llmcc.targets import resolve
-    from llmcc.tuning import (
-        TuningDatabase,
-        choose_schedule,
-        lowered_kernels,
-        workload_module,
-    )
+    from llmcc.tuning import TuningDatabase, choose_schedule, lowered_kernels, workload_module
     from llmcc.tuning.search import _rule_trace
 
     model = _matmul_onnx(tmp_path / "mm.onnx")

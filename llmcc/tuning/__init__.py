@@ -10,18 +10,8 @@ structural hash, so the same kernel in another model finds the same records. The
 commands are thin layers over the functions re-exported here.
 """
 
-from llmcc.tuning.database import (
-                                   TuningDatabase,
-                                   TuningDatabaseError,
-                                   list_database,
-                                   merge_databases,
-                                   open_database,
-                                   prune_database,
-                                   run_secs,
-                                   shard_writer,
-                                   workload_hash,
-                                   workload_module,
-)
+from llmcc.tuning.database import (TuningDatabase, TuningDatabaseError, list_database, merge_databases, open_database,
+                                   prune_database, run_secs, shard_writer, workload_hash, workload_module)
 from llmcc.tuning.keys import describe_key, parse_target, target_key, transfer_order
 from llmcc.tuning.search import lowered_kernels, tune
 from llmcc.tuning.transfer import ScheduleChoice, choose_schedule

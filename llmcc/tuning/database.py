@@ -147,6 +147,7 @@ class TuningDatabase:
         self.entries: list[_Entry] = []
         self.warnings: list[str] = []
         self._parsed_workloads: dict[str, object] = {}
+        self._by_workload: dict[str, list[_Entry]] = {}
         seen: set = set()
         for workload_file, record_file in _shards(self.path):
             hashes: list = []  # by line order, None where a line is corrupt (record lines count on the order)
@@ -167,6 +168,7 @@ class TuningDatabase:
                 if identity not in seen:
                     seen.add(identity)
                     self.entries.append(entry)
+                    self._by_workload.setdefault(entry.shash, []).append(entry)
         for warning in self.warnings:
             log.warning("%s", warning)
 
@@ -219,8 +221,7 @@ class TuningDatabase:
 
     def kernel_entries(self, func) -> list[_Entry]:
         """The entries of kernel ``func`` (any target, failed runs included)."""
-        shash = workload_hash(workload_module(func))
-        return [e for e in self.entries if e.shash == shash]
+        return list(self._by_workload.get(workload_hash(workload_module(func)), ()))
 
     def kernel_records(self, func) -> list:
         """The records of kernel ``func`` (any target) that ran, fastest first."""

@@ -27,20 +27,8 @@ import time
 from pathlib import Path
 
 from llmcc.errors import LlmccError
-from llmcc.tuning.database import (
-    TuningDatabase,
-    open_database,
-    run_secs,
-    workload_hash,
-    workload_module,
-)
-from llmcc.tuning.keys import (
-    cuda_limits,
-    describe_key,
-    key_target,
-    target_key,
-    transfer_order,
-)
+from llmcc.tuning.database import TuningDatabase, open_database, run_secs, workload_hash, workload_module
+from llmcc.tuning.keys import cuda_limits, describe_key, key_target, target_key, transfer_order
 from llmcc.tuning.transfer import check_fits, replay, tensor_intrinsics_only
 
 BUILD_FUNC = "llmcc.tuning.build"
