@@ -24,6 +24,7 @@ M, K, N = 64, 128, 128
 KERNEL = "fused_matmul_add_relu"
 AVX2_ONLY = {"kind": "llvm", "mattr": ["+avx2", "+fma"]}  # generic x86-64 plus AVX2: runs on any AVX2 machine
 AVX512 = {"kind": "llvm", "mcpu": "skylake-avx512"}
+SAPPHIRE_RAPIDS = {"kind": "llvm", "mcpu": "sapphirerapids"}  # AVX-512 and AMX: wider than any AVX-512-only CPU
 
 
 def _matmul_onnx(path):
@@ -101,14 +102,23 @@ def test_compile_applies_tuned_schedule_and_reports_it(tuned, tmp_path):
 
 
 def test_nearest_cpu_target_transfers_but_never_a_wider_isa(tuned, tmp_path):
-    """An AVX2-only record serves this (AVX2, no AVX-512) machine when it has no record of its own; AVX-512 and
-    CUDA records never do."""
+    """An AVX2-only record serves this machine when it has no record of its own; records of a CPU with vector
+    features this one lacks (AVX-512, AMX), and CUDA records, never do."""
     import llmcc
-    from llmcc.tuning import TuningDatabase
+    from llmcc.targets import resolve
+    from llmcc.tuning import TuningDatabase, parse_target, target_key
+    from llmcc.tuning.keys import vector_features
 
+    here = vector_features(target_key(resolve("cpu")))
+    if not vector_features(parse_target("llvm::+avx2,+fma")) <= here:
+        pytest.skip("this CPU has no AVX2")
+    wider = next((c for c in (AVX512, SAPPHIRE_RAPIDS) if not vector_features(parse_target(json.dumps(c))) <= here),
+                 None)
+    if wider is None:
+        pytest.skip("this CPU has every vector feature of the wider CPUs this test knows")
     model, db, _, _ = tuned
     foreign = TuningDatabase(tmp_path / "foreign", create=True)
-    foreign.add(_retargeted(db, AVX512, scale=0.5) + _retargeted(db, {"kind": "cuda", "arch": "sm_90"}, scale=0.1))
+    foreign.add(_retargeted(db, wider, scale=0.5) + _retargeted(db, {"kind": "cuda", "arch": "sm_90"}, scale=0.1))
     module = llmcc.compile(model, target="cpu", tuning_db=foreign.path)
     assert _tuning(module)[KERNEL]["provenance"] == "rule"
 
