@@ -3,6 +3,8 @@
     llmcc compile model.onnx --target cuda --quant none -o model.llmcc
     llmcc run model.llmcc --random | --input input_ids=ids.npy
     llmcc inspect model.llmcc [--json]
+    llmcc tune model.onnx --target cpu --db tuning/ --trials 200 [--rpc-tracker HOST:9190 --rpc-key a100]
+    llmcc db list tuning/ ; llmcc db merge a/ b/ -o c/ ; llmcc db prune tuning/ --target cuda:sm_75
     llmcc demo
 """
 
@@ -78,6 +80,9 @@ def _print_summary(report: dict, path) -> None:
         print(f"LoRA: {line}")
     for line in attention_lines(report):
         print(f"attention: {line}")
+    if any(e["provenance"] != "rule" or e.get("dropped") for e in report.get("tuning", [])):
+        for line in tuning_lines(report):
+            print(f"tuning: {line}")
     if "cuda_binary" in report:
         cb = report["cuda_binary"]
         print(f"CUDA binary: SASS {cb.get('sass_archs')}, PTX {cb.get('ptx_archs')}")
@@ -191,8 +196,80 @@ def cmd_inspect(args) -> int:
         print(f"lora      {line}")
     for line in attention_lines(report):
         print(f"attention {line}")
+    for line in tuning_lines(report):
+        print(f"tuning    {line}")
     if "cuda_binary" in report:
         print(f"cuda      {report['cuda_binary']}")
+    return 0
+
+
+def tuning_lines(report: dict) -> list[str]:
+    """Where the kernels' schedules came from: a count per provenance, then one line per non-rule kernel and per
+    kernel whose records were all dropped."""
+    entries = report.get("tuning", [])
+    if not entries:
+        return []
+    counts: dict[str, int] = {}
+    for e in entries:
+        counts[e["provenance"]] = counts.get(e["provenance"], 0) + 1
+    lines = [", ".join(f"{n} {p}" for p, n in counts.items())]
+    for e in entries:
+        if e["provenance"] != "rule":
+            lines.append(f"{e['kernel']}: {e['provenance']} ({e['source_time_us']} us measured there)")
+        elif e.get("dropped"):
+            lines.append(f"{e['kernel']}: rule; records dropped: {'; '.join(e['dropped'])}")
+    return lines
+
+
+def cmd_tune(args) -> int:
+    from llmcc.tuning import tune
+
+    try:
+        summary = tune(args.model, args.target, args.db, args.trials, max_workers=args.workers,
+                       num_cores=args.num_cores, seed=args.seed, compare=args.compare, kernels=args.kernel,
+                       population=args.population, transfer_from=args.transfer_from, rpc_tracker=args.rpc_tracker,
+                       rpc_key=args.rpc_key, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    except KeyboardInterrupt:
+        print(f"llmcc: interrupted; every record measured so far is in {args.db}: run the same command again to "
+              f"resume", file=sys.stderr)
+        return 130
+    print(f"tuned for {summary['target']} ({summary['target_key']}, {summary['runner']}) in {summary['seconds']} s: "
+          f"{summary['trials_run']} trials run, {summary['trials_before']} were in {summary['db']} already")
+    for k in summary["kernels"]:
+        if not k["tuned"]:
+            print(f"  {k['kernel']}: skipped, {k['reason']}")
+            continue
+        line = f"  {k['kernel']}: best {k['best_us']} us (rule schedule measured {k.get('rule_measured_us')} us)"
+        if k.get("seeded_from"):
+            line += f"; seeded from {', '.join(sorted(set(k['seeded_from'])))}"
+        if "rule_us" in k:
+            speedup = (k["rule_us"] / k["tuned_us"]) if k.get("rule_us") and k.get("tuned_us") else None
+            line += f"; rule schedule {k['rule_us']} us, tuned {k['tuned_us']} us"
+            line += f" ({speedup:.2f}x)" if speedup else ""
+        print(line)
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=1) + "\n")
+    return 0
+
+
+def cmd_db(args) -> int:
+    from llmcc import tuning
+
+    if args.db_command == "list":
+        result = tuning.list_database(args.db)
+        if args.json:
+            print(json.dumps(result, indent=1))
+            return 0
+        print(f"{result['db']}: {result['records']} records ({result['shards']} writer shards not yet merged)")
+        for name, row in result["targets"].items():
+            print(f"  {name:<32} {row['records']:>6} records  {row['kernels']:>4} kernels  {row['failed']:>5} failed")
+    elif args.db_command == "merge":
+        result = tuning.merge_databases(args.sources, args.output)
+        print(f"wrote {result['db']}: {result['records']} records")
+    else:
+        keys = [tuning.parse_target(t) for t in args.target or []]
+        result = tuning.prune_database(args.db, keys, keep_best=args.keep_best)
+        print(f"pruned {result['db']}: kept {result['kept']} records, dropped {result['dropped']}")
     return 0
 
 
@@ -225,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep attention as the exported ops (the report still lists every site)")
     p.add_argument("--debug", action="store_true", help="check the IR is well formed after every phase")
     p.add_argument("--tuning-db", metavar="DIR", default=None,
-                   help="tuning database (tools/tune.py): kernels with a record for this target use its schedule")
+                   help="tuning database (llmcc tune): kernels with a record for this target, or a validated one of "
+                        "the nearest target of its kind, use its schedule")
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("run", help="run an artifact on given or random inputs")
@@ -243,6 +321,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_inspect)
 
+    p = sub.add_parser("tune", help="tune a model's kernels with MetaSchedule into a tuning database")
+    p.add_argument("model", help="an ONNX file or a zoo model name")
+    p.add_argument("--target", default="cpu", choices=_targets())
+    p.add_argument("--db", required=True, metavar="DIR", help="tuning database folder (created if missing)")
+    p.add_argument("--trials", type=int, default=64,
+                   help="trials over all kernels, counting this target's records already in DIR (default 64)")
+    p.add_argument("--rpc-tracker", metavar="HOST:PORT", help="measure on the servers of this TVM RPC tracker")
+    p.add_argument("--rpc-key", metavar="KEY", help="the key the tracker's servers registered with")
+    p.add_argument("--transfer-from", metavar="DIR",
+                   help="seed the search with this database's records of the nearest other targets")
+    p.add_argument("--kernel", action="append", help="tune only this kernel (repeatable)")
+    p.add_argument("--workers", type=int, default=1, help="builder processes (default 1)")
+    p.add_argument("--num-cores", type=int, default=None, help="threads the tuned CPU kernels assume (default: all)")
+    p.add_argument("--population", type=int, default=512,
+                   help="evolutionary search population per round (default 512; 32 for a quick smoke run)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--compare", action="store_true", help="time each tuned kernel's rule and tuned schedules")
+    p.add_argument("--json", metavar="FILE", help="also write the summary as JSON")
+    p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("db", help="list, merge or prune tuning databases")
+    db_sub = p.add_subparsers(dest="db_command", required=True)
+    q = db_sub.add_parser("list", help="records per target")
+    q.add_argument("db", metavar="DIR")
+    q.add_argument("--json", action="store_true")
+    q = db_sub.add_parser("merge", help="merge databases into one (writer shards compacted)")
+    q.add_argument("sources", nargs="+", metavar="DIR")
+    q.add_argument("-o", "--output", required=True, metavar="DIR")
+    q = db_sub.add_parser("prune", help="drop failed runs, a target's records, or all but the fastest")
+    q.add_argument("db", metavar="DIR")
+    q.add_argument("--target", action="append",
+                   help="drop this target's records (cpu, cuda:sm_75, llvm:MCPU[:+feat,...]); repeatable")
+    q.add_argument("--keep-best", type=int, default=None, metavar="N",
+                   help="keep only the N fastest records per kernel and target")
+    p.set_defaults(func=cmd_db)
+
     p = sub.add_parser("demo", help="compile a built-in model, run it, verify it")
     p.add_argument("--model", default="llama-gqa", help="zoo model to use")
     p.add_argument("--no-cuda", action="store_true", help="skip the CUDA cross-compile")
@@ -250,9 +364,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warnings() -> None:
+    """llmcc's warnings (a tuning database line skipped...) on stderr, one line each, prefixed like errors."""
+    import logging
+
+    class Stderr(logging.Handler):
+        def emit(self, record) -> None:  # the current sys.stderr, not the one at setup (main runs in tests too)
+            print(f"llmcc: warning: {record.getMessage()}", file=sys.stderr)
+
+    log = logging.getLogger("llmcc")
+    if not any(type(h).__name__ == "Stderr" for h in log.handlers):
+        log.addHandler(Stderr(logging.WARNING))
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _show_warnings()
     from llmcc.errors import LlmccError
 
     try:

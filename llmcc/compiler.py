@@ -59,7 +59,8 @@ def compile(model, *, target: str = "cpu", quant: str = "none", max_error: float
     ``lora``: PEFT LoRA adapter folders merged into the weights before anything else (so before quantization), each
     a path, "path:scale" or (path, scale); see llmcc.lora. ``fuse_attention=False`` keeps every attention site as
     the exported ops (the report still lists the sites). ``tuning_db``: a tuning database folder (llmcc.tuning,
-    made by tools/tune.py); kernels with a record for this target get its tuned schedule (report rule "tuned").
+    made by ``llmcc tune``); kernels with a record for this target, or a validated one of the nearest target of its
+    kind, get its schedule (report "tuning": provenance "tuned" / "transferred:<target>" / "rule" per kernel).
     """
     with _quiet_native_warnings():
         return _compile(model, target=target, quant=quant, max_error=max_error, calib=calib,
@@ -139,6 +140,7 @@ def _compile(model, *, target, quant, max_error, calib, quantize_head, quantize_
         "passes": [{"name": p["name"], "phase": p["phase"], "rewrites": p["rewrites"]} for p in result.passes],
         "attention": result.attention,
         "kernels": result.kernels,
+        "tuning": result.tuning,
         "verify": {"passed": None, "reason": "skipped (--no-verify)"},
         "timings": timings,
     }

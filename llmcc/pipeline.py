@@ -24,7 +24,7 @@ from tvm import relax
 
 from llmcc.errors import BuildFailure
 from llmcc.passes import TvmPass
-from llmcc.passes.apply_schedule_rules import ApplyScheduleRules
+from llmcc.passes.apply_schedule_rules import RESHAPE_VIEW, ApplyScheduleRules
 from llmcc.passes.apply_tuning_database import ApplyTuningDatabase
 from llmcc.passes.fold_lora_branches import FoldLoraBranches
 from llmcc.passes.accumulate_in_float32 import AccumulateInFloat32
@@ -53,6 +53,7 @@ class PipelineResult:
     weights: list            # [(name, np.ndarray)] in parameter order after the user inputs
     passes: list = field(default_factory=list)   # [{"name", "phase", "rewrites"}]
     kernels: list = field(default_factory=list)  # [{"name", "rule"}] for scheduled targets
+    tuning: list = field(default_factory=list)  # [{"kernel", "provenance", "source_time_us"(, "dropped")}]
     attention: list = field(default_factory=list)  # [{"site", "kind", "fused", "reason", "kernel"}]
     timings: dict = field(default_factory=dict)  # phase -> seconds
     quantized: dict = field(default_factory=dict)  # weight fingerprint -> bytes stored, for quantized weights
@@ -188,6 +189,22 @@ PHASES = [("graph", graph_phase), ("quantize", quantize_phase), ("weights", weig
           ("lower", lower_phase), ("schedule", schedule_phase), ("finalize", finalize_phase)]
 
 
+def _tuning_provenance(kernels: list, choices: dict) -> list:
+    """The report's "tuning" entries: for every kernel, whether its schedule is a tuned record of this target, one
+    transferred from another, or a schedule rule's (with why the records tried were dropped)."""
+    entries = []
+    for kernel in kernels:
+        if kernel["rule"] == RESHAPE_VIEW:  # not a kernel: the VM runs it as a view
+            continue
+        choice = choices.get(kernel["name"])
+        entry = {"kernel": kernel["name"], "provenance": choice.provenance if choice else "rule",
+                 "source_time_us": choice.source_time_us if choice else None}
+        if choice is not None and choice.dropped:
+            entry["dropped"] = list(choice.dropped)
+        entries.append(entry)
+    return entries
+
+
 def run(mod: tvm.IRModule, target: TargetSpec, options: PipelineOptions | None = None,
         stop_after: str | None = None) -> PipelineResult:
     """Apply every phase to ``mod`` for ``target``; the result is ready for code generation.
@@ -196,6 +213,7 @@ def run(mod: tvm.IRModule, target: TargetSpec, options: PipelineOptions | None =
     options = options or PipelineOptions()
     result = PipelineResult(mod=mod, weights=[])
     tuned: list = []
+    choices: dict = {}
     with target.tvm_target():
         for phase, make_passes in PHASES:
             start = time.perf_counter()
@@ -211,8 +229,10 @@ def run(mod: tvm.IRModule, target: TargetSpec, options: PipelineOptions | None =
                     result.weights = p.weights
                 if isinstance(p, ApplyTuningDatabase):
                     tuned = result.kernels = p.kernels
+                    choices = p.choices
                 if isinstance(p, ApplyScheduleRules):
                     result.kernels = tuned + p.kernels
+                    result.tuning = _tuning_provenance(result.kernels, choices)
                 if isinstance(p, FuseAttention):
                     result.attention = p.sites
                 if isinstance(p, QuantizeWeights):

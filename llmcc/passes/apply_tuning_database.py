@@ -1,10 +1,11 @@
-"""apply_tuning_database: give every kernel with a matching tuning record its tuned schedule.
+"""apply_tuning_database: give every kernel with a usable tuning record its tuned schedule.
 
-Runs in the schedule phase before apply_schedule_rules. For each unscheduled PrimFunc it asks the llmcc.tuning
-TuningDatabase for the fastest record of that kernel measured on a target matching the compile target (see
-llmcc.tuning.target_key: llvm by kind + mcpu + mattr, CUDA by arch; records of other targets are never used), replays
-the record's MetaSchedule trace and marks the kernel ``tirx.is_scheduled``, so apply_schedule_rules leaves it alone.
-Kernels without a matching record are left for the rules. ``self.kernels`` lists the tuned ones with rule "tuned".
+Runs in the schedule phase before apply_schedule_rules. For each unscheduled PrimFunc it asks
+llmcc.tuning.choose_schedule for a schedule on the compile target: the fastest record measured on that target, else
+a record of the nearest target of the same kind that replays, fits the target's limits and builds for it
+(llmcc.tuning.transfer). The chosen trace is replayed and the kernel marked ``tirx.is_scheduled``, so
+apply_schedule_rules leaves it alone; kernels without one are left for the rules. ``self.choices`` says for every
+kernel looked at where its schedule came from (the compile report's "tuning" entries).
 
 Before::
 
@@ -36,13 +37,14 @@ class ApplyTuningDatabase(LlmccPass):
         super().__init__()
         self.database = database
         self.leave_reshapes = leave_reshapes
-        self.kernels: list[dict] = []  # [{"name", "rule": "tuned", "tuned_us"}]
+        self.kernels: list[dict] = []  # [{"name", "rule": "tuned"}] for the kernels given a record's schedule
+        self.choices: dict[str, object] = {}  # kernel name -> llmcc.tuning.ScheduleChoice
 
     def transform(self, mod):
-        from llmcc.tuning import run_secs
+        from llmcc.tuning import choose_schedule
 
         target = tvm.target.Target.current()
-        self.kernels = []
+        self.kernels, self.choices = [], {}
         updated = {}
         for gvar, func in mod.functions_items():
             if not isinstance(func, tirx.PrimFunc):
@@ -51,13 +53,11 @@ class ApplyTuningDatabase(LlmccPass):
                 continue
             if self.leave_reshapes and relax.analysis.has_reshape_pattern(func):
                 continue
-            new_func, rec = self.database.schedule(func, target)
-            if new_func is None:
+            choice = self.choices[gvar.name_hint] = choose_schedule(self.database, func, target)
+            if choice.func is None:
                 continue
-            secs = run_secs(rec)
-            self.kernels.append({"name": gvar.name_hint, "rule": "tuned",
-                                 "tuned_us": round(secs * 1e6, 2) if secs is not None else None})
-            updated[gvar] = new_func
+            self.kernels.append({"name": gvar.name_hint, "rule": "tuned"})
+            updated[gvar] = choice.func
         for gvar, func in updated.items():
             mod[gvar] = func
         return mod, len(updated)
