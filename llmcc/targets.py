@@ -45,6 +45,9 @@ class CudaArch:
 
 
 CUDA_ARCH_MODELS: dict[str, CudaArch] = {a.arch: a for a in (
+    # sm_70 / sm_75: not compile targets, known so tuning records from them can be checked (llmcc.tuning)
+    CudaArch("sm_70", "V100", sms=80, smem_per_sm=96 * 1024, smem_per_block_optin=96 * 1024, l2_bytes=6 << 20),
+    CudaArch("sm_75", "T4", sms=40, smem_per_sm=64 * 1024, smem_per_block_optin=64 * 1024, l2_bytes=4 << 20),
     CudaArch("sm_80", "A100", sms=108, smem_per_sm=164 * 1024, smem_per_block_optin=163 * 1024, l2_bytes=40 << 20),
     CudaArch("sm_86", "A10", sms=72, smem_per_sm=100 * 1024, smem_per_block_optin=99 * 1024, l2_bytes=6 << 20),
     CudaArch("sm_87", "Jetson AGX Orin", sms=16, smem_per_sm=164 * 1024, smem_per_block_optin=163 * 1024,

@@ -19,9 +19,14 @@ import onnx
 import pytest
 from helpers import ROOT, run_cli
 from onnx import TensorProto, helper, numpy_helper
+from tvm.relax import TensorType
+
+from llmcc.passes.pack_matmul_weights import panel_width
+from llmcc.targets import resolve
 
 M, K, N = 64, 128, 128
-KERNEL = "fused_matmul_add_relu"
+# the host's kernel: pack_matmul_weights names the matmul after its panel width (the host's register tile)
+KERNEL = f"fused_matmul_packed_p{panel_width(resolve('cpu').tvm_target(), TensorType((M, K), 'float32'), N)}_add_relu"
 AVX2_ONLY = {"kind": "llvm", "mattr": ["+avx2", "+fma"]}  # generic x86-64 plus AVX2: runs on any AVX2 machine
 AVX512 = {"kind": "llvm", "mcpu": "skylake-avx512"}
 SAPPHIRE_RAPIDS = {"kind": "llvm", "mcpu": "sapphirerapids"}  # AVX-512 and AMX: wider than any AVX-512-only CPU

@@ -9,10 +9,11 @@ P-wide panels, W_packed [N / P, K, P] with W_packed[p, k, j] = W[k, p * P + j], 
 bytes (24 KB at K = 384, P = 16) read front to back.
 
 Matches ``R.matmul(x, W)`` with W a 2-D float32 constant, x float32 of rank >= 2 with a last dim K, on CPU targets,
-when N is a multiple of the panel width P, P being the width of the register tile CpuMatmul picks for N
-(``CpuModel.matmul_tile``). A GEMV (one static row: decode) streams the weight instead, each thread its share of N
-(``CpuModel.gemv_chunk``): there P is that share, so every thread reads one contiguous K x P block instead of K
-pieces of rows. Quantized weights (packed by quantize_weights) are left alone.
+when N is a multiple of the panel width P and larger: P = 16 (one 64-byte line per k step; CpuMatmul's register tile
+is then 6 x 16 with AVX2, 8 x 16 with AVX-512), or 512 for a GEMV (one static row: decode), whose threads each stream
+whole panels, K x 512 contiguous floats, instead of K pieces of rows (``CpuModel.matmul_panel_bytes`` and
+``gemv_panel_bytes``: fixed, so the packed kernels are the same on every CPU and tuning records carry over).
+Quantized weights (packed by quantize_weights) are left alone.
 Runs in the weights phase, before lift_weights, on the fp32 matmuls quantization left.
 
 Before::
@@ -39,18 +40,12 @@ OUT_ELEMWISE_FUSABLE = 4  # TVM's OpPatternKind kOutEWiseFusable: what a legaliz
 
 
 def panel_width(target, x_ty, n: int) -> int | None:
-    """The CPU kernel's register-tile width for an [.., M, K] x [K, n] float32 matmul, or None (no packing)."""
+    """Panel width P for an [.., M, K] x [K, n] float32 matmul on ``target``: the CpuModel's matmul panel (one cache
+    line), or its GEMV panel when M is one static row; None when n is not a multiple of it (or is all of it)."""
     model = CpuModel.get(target)
-    lanes = model.lanes(32)
-    if n % lanes:
-        return None
     rows = x_ty.shape[-2] if len(x_ty.shape) >= 2 else None
-    if isinstance(rows, tvm.tirx.IntImm) and int(rows) == 1:  # GEMV: one panel per thread's share of N
-        chunk = model.gemv_chunk(n // lanes)
-        width = chunk * lanes if chunk else n
-    else:
-        _, nv = model.matmul_tile(n // lanes, gemv=False)
-        width = nv * lanes
+    gemv = isinstance(rows, tvm.tirx.IntImm) and int(rows) == 1
+    width = (model.gemv_panel_bytes if gemv else model.matmul_panel_bytes) // 4
     return width if n % width == 0 and width < n else None
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import dataclass
 
 from llmcc.errors import LlmccError
 
@@ -34,30 +33,12 @@ VECTOR_FEATURE_PREFIXES = ("sse", "ssse", "avx", "fma", "f16c", "amx", "neon", "
                            "bf16", "vnni")
 
 
-@dataclass(frozen=True)
-class CudaLimits:
-    """What one CUDA arch allows a kernel: threads per block, and shared memory per block (static shared memory
-    is capped at 48 KiB on every arch; dynamic shared memory up to the arch's opt-in maximum)."""
+def cuda_limits(arch: str):
+    """The arch's figures from the target registry (llmcc.targets.CudaArch: threads and shared memory per block);
+    an arch the registry does not know gets the most conservative one's (sm_75)."""
+    from llmcc.targets import CUDA_ARCH_MODELS
 
-    arch: str
-    max_threads_per_block: int = 1024
-    max_static_shared_bytes: int = 48 * 1024
-    max_dynamic_shared_bytes: int = 48 * 1024
-
-
-CUDA_LIMITS: dict[str, CudaLimits] = {limits.arch: limits for limits in (
-    CudaLimits("sm_70", max_dynamic_shared_bytes=96 * 1024),
-    CudaLimits("sm_75", max_dynamic_shared_bytes=64 * 1024),
-    CudaLimits("sm_80", max_dynamic_shared_bytes=163 * 1024),
-    CudaLimits("sm_86", max_dynamic_shared_bytes=99 * 1024),
-    CudaLimits("sm_89", max_dynamic_shared_bytes=99 * 1024),
-    CudaLimits("sm_90", max_dynamic_shared_bytes=227 * 1024),
-)}
-
-
-def cuda_limits(arch: str) -> CudaLimits:
-    """The arch's limits; an arch not in the table gets the most conservative (sm_75's)."""
-    return CUDA_LIMITS.get(arch) or CudaLimits(arch, max_dynamic_shared_bytes=64 * 1024)
+    return CUDA_ARCH_MODELS.get(arch) or CUDA_ARCH_MODELS["sm_75"]
 
 
 def _as_tvm_target(target):

@@ -80,7 +80,7 @@ def tuning_target(spec, num_cores: int | None = None):
         config["num-cores"] = int(num_cores or os.cpu_count() or 1)
     else:
         limits = cuda_limits(spec.arch)
-        config.update(max_shared_memory_per_block=limits.max_dynamic_shared_bytes,
+        config.update(max_shared_memory_per_block=limits.smem_per_block_optin,
                       max_threads_per_block=limits.max_threads_per_block)
     return tvm.target.Target(config)
 

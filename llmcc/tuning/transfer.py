@@ -100,14 +100,14 @@ def check_fits(scheduled, target) -> str | None:
         return None
     limits = cuda_limits(key[1])
     checked = tvm.target.Target({"kind": "cuda", "arch": key[1],
-                                 "max_shared_memory_per_block": limits.max_dynamic_shared_bytes,
+                                 "max_shared_memory_per_block": limits.smem_per_block_optin,
                                  "max_threads_per_block": limits.max_threads_per_block})
     verify = ms.postproc.VerifyGPUCode()
     with tensor_intrinsics_only():  # the check needs none; TuneContext would import them all
         verify._initialize_with_tune_context(ms.TuneContext(mod=workload_module(scheduled), target=checked))
     if not verify.apply(s_tir.Schedule(workload_module(scheduled))):
         return (f"exceeds {key[1]}'s limits ({limits.max_threads_per_block} threads, "
-                f"{limits.max_dynamic_shared_bytes // 1024} KiB shared memory per block)")
+                f"{limits.smem_per_block_optin // 1024} KiB shared memory per block)")
     return None
 
 

@@ -50,7 +50,8 @@ def test_fires_on_a_constant_weight_and_not_on_look_alikes(seed):
     w = rng.standard_normal((64, 256)).astype(np.float32)
     assert panel_width(CPU.tvm_target(), relax.TensorType((1, seq, 64), "float32"), 256) is not None
     assert _fires(_one_matmul((1, seq, 64), w)) == 1
-    assert _fires(_one_matmul((1, 1, 64), w)) == 1  # decode GEMV: one panel per thread's share of N
+    assert _fires(_one_matmul((1, 1, 64), w)) == 0  # decode GEMV with N within one 512-wide panel
+    assert _fires(_one_matmul((1, 1, 64), np.tile(w, (1, 4)))) == 1  # N = 1024: two GEMV panels
     assert _fires(_one_matmul((1, seq, 64), w[:, :100])) == 0  # N not a multiple of the panel
     assert _fires(_one_matmul((1, seq, 64), w.astype(np.float16), "float16")) == 0
     assert _fires(_one_matmul((1, seq, 64), w), resolve("cuda:sm_80")) == 0
@@ -105,10 +106,10 @@ def test_compiled_model_matches_numpy(seed, tmp_path):
 
 def test_gemv_model_matches_numpy(seed, tmp_path):
     rng = np.random.default_rng(seed)
-    weights = _mlp_onnx(tmp_path / "gemv.onnx", rng, hidden=256, inner=1024, dims=(1, 1))
+    weights = _mlp_onnx(tmp_path / "gemv.onnx", rng, hidden=1024, inner=1536, dims=(1, 1))
     module = llmcc.compile(tmp_path / "gemv.onnx", target="cpu")
     packed = next(p for p in module.report["passes"] if p["name"] == "pack_matmul_weights")
     assert packed["rewrites"] == 2
     for _ in range(2):
-        x = rng.standard_normal((1, 1, 256)).astype(np.float32)
+        x = rng.standard_normal((1, 1, 1024)).astype(np.float32)
         assert relative_error(module(x), _reference(weights, x)) <= 1e-5
