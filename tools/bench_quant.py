@@ -241,12 +241,15 @@ def gemv_chain_model(n: int, seed: int = 0):
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), weights
 
 
-def gemv_row(system: str, run, x, weight_bytes: int, reference, bandwidth_gbs: float, repeat: int, **extra) -> dict:
-    ms, runs = median_ms(run, {"x": x}, repeat)
+def gemv_row(system: str, run, x, weight_bytes: int, reference, bandwidth_gbs: float, ms: float, runs: int,
+             **extra) -> dict:
     floor_ms = weight_bytes / (bandwidth_gbs * 1e9) * 1e3
     return {"system": system, "ms": ms, "runs": runs, "weight_bytes": weight_bytes, "floor_ms": floor_ms,
             "x_floor": ms / floor_ms, "read_gbs": weight_bytes / ms / 1e6,
             "err_vs_fp64": relative_error(run(x=x)["y"], reference), **extra}
+
+
+GEMV_ROUNDS = 3  # every system once per round, the fastest median kept: the VM drifts by up to 1.5x over minutes
 
 
 def bench_gemv(n: int, bandwidth_gbs: float, threads: int, repeat: int, workdir: Path) -> list[dict]:
@@ -257,13 +260,12 @@ def bench_gemv(n: int, bandwidth_gbs: float, threads: int, repeat: int, workdir:
     reference = x.astype(np.float64)
     for w in weights:
         reference = reference @ w
-    rows = []
+    systems = []  # (name, run, stored weight bytes, extra)
     for quant in ("none", "int8", "int4", "int4-g128"):
         print(f"gemv {n}: llmcc {quant} ...", flush=True)
         module, compile_s = compile_llmcc(proto, quant, None if quant == "none" else ALL_LAYERS)
         stored = sum(w.nbytes for w in weights) if quant == "none" else module.report["quant"]["weight_bytes"]["stored"]
-        rows.append(gemv_row(llmcc_system(quant), module.run, x, stored, reference, bandwidth_gbs, repeat,
-                             compile_s=compile_s))
+        systems.append((llmcc_system(quant), module.run, stored, {"compile_s": compile_s}))
     src = workdir / f"gemv{n}.onnx"
     onnx.save(proto, str(src))
     ort_models = [("onnxruntime fp32", src),
@@ -272,10 +274,16 @@ def bench_gemv(n: int, bandwidth_gbs: float, threads: int, repeat: int, workdir:
                   ("onnxruntime int4 (MatMulNBits, accuracy_level 4)",
                    ort_int4(src, workdir / f"gemv{n}-int4-acc4.onnx", accuracy_level=4))]
     for system, path in ort_models:
-        print(f"gemv {n}: {system} ...", flush=True)
-        rows.append(gemv_row(system, ort_runner(path, threads), x, initializer_bytes(path), reference,
-                             bandwidth_gbs, repeat))
-    return rows
+        systems.append((system, ort_runner(path, threads), initializer_bytes(path), {}))
+    best: dict = {}
+    for r in range(GEMV_ROUNDS):
+        print(f"gemv {n}: round {r + 1} of {GEMV_ROUNDS} ...", flush=True)
+        for system, run, _, _ in systems:
+            ms, runs = median_ms(run, {"x": x}, repeat)
+            if system not in best or ms < best[system][0]:
+                best[system] = (ms, runs)
+    return [gemv_row(system, run, x, stored, reference, bandwidth_gbs, *best[system], **extra)
+            for system, run, stored, extra in systems]
 
 
 # ------------------------------------------------------------------------------------------------- 2. Llama decode
@@ -428,8 +436,9 @@ def gemv_md(n: int, rows: list[dict], bw: dict) -> list[str]:
         f"## GEMV chain: x[1, {n}] @ W1 @ W2 @ W3 @ W4\n",
         (f"fp32 weights: {fp32['weight_bytes'] / 1e6:.0f} MB / {bw['gbs']:.1f} GB/s = **{fp32['floor_ms']:.2f} ms** "
          f"floor (issue 3's goal, the fp32 chain at >= 80% of measured bandwidth, means <= "
-         f"{fp32['floor_ms'] / 0.8:.2f} ms). x floor = time / (weight bytes / measured bandwidth); GB/s read = "
-         f"weight bytes / time; rel err is relative (Frobenius) vs a float64 chain.\n"),
+         f"{fp32['floor_ms'] / 0.8:.2f} ms). Every system once per round, {GEMV_ROUNDS} rounds, the fastest median "
+         f"kept. x floor = time / (weight bytes / measured bandwidth); GB/s read = weight bytes / time; rel err is "
+         f"relative (Frobenius) vs a float64 chain.\n"),
         "| system | ms | weight MB | floor ms | x floor | GB/s read | rel err |",
         "|---|---|---|---|---|---|---|",
         *(f"| {r['system']} | {r['ms']:.2f} | {r['weight_bytes'] / 1e6:.1f} | {r['floor_ms']:.2f} | "

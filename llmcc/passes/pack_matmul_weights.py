@@ -10,10 +10,10 @@ bytes (24 KB at K = 384, P = 16) read front to back.
 
 Matches ``R.matmul(x, W)`` with W a 2-D float32 constant, x float32 of rank >= 2 with a last dim K, on CPU targets,
 when N is a multiple of the panel width P and larger: P = 16 (one 64-byte line per k step; CpuMatmul's register tile
-is then 6 x 16 with AVX2, 8 x 16 with AVX-512), or 512 for a GEMV (one static row: decode), whose threads each stream
-whole panels, K x 512 contiguous floats, instead of K pieces of rows (``CpuModel.matmul_panel_bytes`` and
-``gemv_panel_bytes``: fixed, so the packed kernels are the same on every CPU and tuning records carry over).
-Quantized weights (packed by quantize_weights) are left alone.
+is then 6 x 16 with AVX2, 8 x 16 with AVX-512; ``CpuModel.matmul_panel_bytes``, fixed so that packed kernels are
+the same on every CPU and tuning records carry over). A GEMV (one static row: decode) is left alone: its kernel
+streams whole weight rows, already contiguous, and panels of a fixed width measured no faster on the 4096 x 4096
+chain. Quantized weights (packed by quantize_weights) are left alone.
 Runs in the weights phase, before lift_weights, on the fp32 matmuls quantization left.
 
 Before::
@@ -41,11 +41,11 @@ OUT_ELEMWISE_FUSABLE = 4  # TVM's OpPatternKind kOutEWiseFusable: what a legaliz
 
 def panel_width(target, x_ty, n: int) -> int | None:
     """Panel width P for an [.., M, K] x [K, n] float32 matmul on ``target``: the CpuModel's matmul panel (one cache
-    line), or its GEMV panel when M is one static row; None when n is not a multiple of it (or is all of it)."""
-    model = CpuModel.get(target)
+    line of floats); None for a GEMV (one static row) or when n is not a multiple of P (or is P)."""
     rows = x_ty.shape[-2] if len(x_ty.shape) >= 2 else None
-    gemv = isinstance(rows, tvm.tirx.IntImm) and int(rows) == 1
-    width = (model.gemv_panel_bytes if gemv else model.matmul_panel_bytes) // 4
+    if isinstance(rows, tvm.tirx.IntImm) and int(rows) == 1:
+        return None  # the GEMV kernel streams whole weight rows: already contiguous (packing measured no faster)
+    width = CpuModel.get(target).matmul_panel_bytes // 4
     return width if n % width == 0 and width < n else None
 
 

@@ -47,11 +47,10 @@ class CpuModel:
     max_tile_rows: int = 8             # rows of the matmul register tile at most
     gemv_k_unroll: int = 8             # k steps a GEMV accumulates in registers (= int4 nibbles per packed word)
     gemv_accumulators: int = 4         # independent accumulator vectors per GEMV k step: FMA latency / throughput
-    # Packed weight panels (passes/pack_matmul_weights.py): a matmul's k step reads one 64-byte line of its panel;
-    # a GEMV's panel is a 2 KB-wide column block, one thread's contiguous stream. Fixed in bytes, not per vector
-    # width or core count, so kernels (and tuning records, llmcc.tuning) are the same on every x86 CPU
+    # Packed weight panels (passes/pack_matmul_weights.py): a matmul's k step reads one 64-byte line of its panel.
+    # Fixed in bytes, not per vector width, so packed kernels (and tuning records, llmcc.tuning) are the same on
+    # every x86 CPU
     matmul_panel_bytes: int = 64
-    gemv_panel_bytes: int = 2048
 
     def lanes(self, dtype_bits: int = 32) -> int:
         return max(self.vector_bits // dtype_bits, 1)
