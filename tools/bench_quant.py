@@ -4,7 +4,8 @@
 Four parts (issue 5), all on this CPU with the same thread count for every system:
 
 1. GEMV chain: x[1, N] @ W1 @ W2 @ W3 @ W4 (N = 4096, fp32 activations, N(0, 0.02) weights). llmcc fp32 / int8 /
-   int4 / int4-g128 vs onnxruntime fp32 / int8 (quantize_dynamic) / int4 (MatMulNBits). A GEMV reads every weight
+   w8a8 / int4 / int4-g128 vs onnxruntime fp32 / int8 (quantize_dynamic, which quantizes the activations too, as
+   w8a8 does) / int4 (MatMulNBits). A GEMV reads every weight
    once, so its floor is weight bytes / the read bandwidth measured here (numpy sums over a large array, or the
    fastest read any system achieved on weights at least 4x the last-level cache, whichever is higher).
 2. Tiny Llama decode step (zoo "llama-decode" at its longest past): the same systems on a whole model.
@@ -278,7 +279,7 @@ def bench_gemv(n: int, bandwidth_gbs: float, threads: int, repeat: int, workdir:
     for w in weights:
         reference = reference @ w
     systems = []  # (name, run, stored weight bytes, extra)
-    for quant in ("none", "int8", "int4", "int4-g128"):
+    for quant in ("none", "int8", "w8a8", "int4", "int4-g128"):
         print(f"gemv {n}: llmcc {quant} ...", flush=True)
         module, compile_s = compile_llmcc(proto, quant, None if quant == "none" else ALL_LAYERS)
         stored = sum(w.nbytes for w in weights) if quant == "none" else module.report["quant"]["weight_bytes"]["stored"]
