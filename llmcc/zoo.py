@@ -393,44 +393,37 @@ def _minilm() -> ZooModel:
     )
 
 
+def _static_hf(name: str, description: str, family: str, seq: int, hf: dict, build, **config) -> ZooModel:
+    """A transformers encoder exported at a fixed batch 1 x ``seq`` (input_ids and attention_mask in,
+    last_hidden_state out): for models whose export cannot keep a symbolic length."""
+    dims = (1, seq)
+    return ZooModel(
+        name=name,
+        description=f"{description} at a fixed batch 1 x {seq} tokens",
+        family=family,
+        dynamic_dims=(),
+        seq_lens=(seq,),
+        inputs=(_ids(dims), _mask(dims)),
+        outputs=(TensorSpec("last_hidden_state", "float32", (1, seq, hf["hidden_size"])),),
+        vocab_size=hf["vocab_size"],
+        seq_dim=None,
+        max_seq_len=seq,
+        config={"hf": hf, **config},
+        build=build,
+    )
+
+
 def _bigbird() -> ZooModel:
     # Fully static: with a symbolic batch, tracing HF's block-sparse code takes ~4x longer (18 s instead of 5 s).
-    dims = (1, _BIGBIRD_SEQ)
-    return ZooModel(
-        name="bigbird",
-        description=f"BigBirdModel with block-sparse attention (block 16, 2 random blocks) at a fixed "
-        f"batch 1 x {_BIGBIRD_SEQ} tokens",
-        family="bigbird",
-        dynamic_dims=(),
-        seq_lens=(_BIGBIRD_SEQ,),
-        inputs=(_ids(dims), _mask(dims)),
-        outputs=(TensorSpec("last_hidden_state", "float32", (1, _BIGBIRD_SEQ, _BIGBIRD["hidden_size"])),),
-        vocab_size=_BIGBIRD["vocab_size"],
-        seq_dim=None,
-        max_seq_len=_BIGBIRD_SEQ,
-        config={"hf": _BIGBIRD},
-        build=_build_bigbird,
-    )
+    return _static_hf("bigbird", "BigBirdModel with block-sparse attention (block 16, 2 random blocks)", "bigbird",
+                      _BIGBIRD_SEQ, _BIGBIRD, _build_bigbird)
 
 
 def _longformer() -> ZooModel:
     # Fully static and exported with TorchScript: torch.export stops at HF's `.item()` on the global mask.
-    dims = (1, _LONGFORMER_SEQ)
-    return ZooModel(
-        name="longformer",
-        description=f"LongformerModel, 1 layer, hidden 128, 4 heads, window 32 (16 each side), token 0 global, at a "
-        f"fixed batch 1 x {_LONGFORMER_SEQ} tokens",
-        family="longformer",
-        dynamic_dims=(),
-        seq_lens=(_LONGFORMER_SEQ,),
-        inputs=(_ids(dims), _mask(dims)),
-        outputs=(TensorSpec("last_hidden_state", "float32", (1, _LONGFORMER_SEQ, _LONGFORMER["hidden_size"])),),
-        vocab_size=_LONGFORMER["vocab_size"],
-        seq_dim=None,
-        max_seq_len=_LONGFORMER_SEQ,
-        config={"hf": _LONGFORMER, "exporter": "torchscript"},
-        build=_build_longformer,
-    )
+    return _static_hf("longformer", "LongformerModel, 1 layer, hidden 128, 4 heads, window 32 (16 each side), "
+                      "token 0 global,", "longformer", _LONGFORMER_SEQ, _LONGFORMER, _build_longformer,
+                      exporter="torchscript")
 
 
 _PREFILL_SEQ_LENS = (1, 16, 37, 128)

@@ -164,6 +164,18 @@ def attach_external_modules(mod):
 # ----------------------------------------------------------------------------------- sliding-window attention
 
 
+def _kernel_unsupported(spec) -> str | None:
+    """What both Triton attention kernels need of ``spec``: one head dim for q/k and v (one BLOCK_D), a dtype Triton
+    computes, a head dim it tiles; then the spec's own check."""
+    if spec.value_dim != spec.head_dim:
+        return f"value dim {spec.value_dim} != head dim {spec.head_dim}"
+    if spec.dtype not in _TIR_DTYPE:
+        return f"dtype {spec.dtype}"
+    if not 1 <= spec.head_dim <= 256:
+        return f"head dim {spec.head_dim} outside [1, 256]"
+    return spec.check()
+
+
 def sliding_window_unsupported(spec) -> str | None:
     """Why the Triton sliding-window kernel cannot run ``spec`` (an AttentionSpec), or None."""
     if not spec.window:
@@ -172,13 +184,7 @@ def sliding_window_unsupported(spec) -> str | None:
         return "a window without causality (the Triton kernel is always causal)"
     if spec.bias is not None:
         return "an additive bias tensor (the Triton kernel computes only the causal window mask)"
-    if spec.value_dim != spec.head_dim:
-        return f"value dim {spec.value_dim} != head dim {spec.head_dim}"
-    if spec.dtype not in _TIR_DTYPE:
-        return f"dtype {spec.dtype}"
-    if not 1 <= spec.head_dim <= 256:
-        return f"head dim {spec.head_dim} outside [1, 256]"
-    return spec.check()
+    return _kernel_unsupported(spec)
 
 
 def _strides(layout: str, b, n, s, d) -> dict:
@@ -189,6 +195,20 @@ def _strides(layout: str, b, n, s, d) -> dict:
         out[c] = acc
         acc = acc * dims[c]
     return out
+
+
+def _operand_strides(spec, B, SQ, SKV) -> list:
+    """The 16 int32 strides (b, n, s, d of q, k, v, out, in that order) both Triton kernels take, for the spec's
+    layouts of contiguous tensors."""
+    from tvm import tirx
+
+    H, HKV, D = spec.num_heads, spec.num_kv_heads, spec.head_dim
+    strides = []
+    for layout, heads, seq in ((spec.q_layout, H, SQ), (spec.k_layout, HKV, SKV), (spec.v_layout, HKV, SKV),
+                               (spec.out_layout, H, SQ)):
+        st = _strides(layout, B, heads, seq, D)
+        strides += [tirx.Cast("int32", st[c]) for c in "bnsd"]
+    return strides
 
 
 def sliding_window_attention_func(spec, arch: str = "sm_80"):
@@ -221,17 +241,13 @@ def sliding_window_attention_func(spec, arch: str = "sm_80"):
                        num_warps=config.num_warps, num_stages=config.num_stages)
 
     H, HKV, D = spec.num_heads, spec.num_kv_heads, spec.head_dim
-    ql, kl, vl, ol = spec.q_layout, spec.k_layout, spec.v_layout, spec.out_layout
     window, qk_scale, block_m = int(spec.window), float(spec.scale) * _LOG2E, config.BLOCK_M
 
     def i32(x):
         return tirx.Cast("int32", x)
 
     def call(Q, K, V, O, B, SQ, SKV):
-        strides = []
-        for layout, heads, seq in ((ql, H, SQ), (kl, HKV, SKV), (vl, HKV, SKV), (ol, H, SQ)):
-            st = _strides(layout, B, heads, seq, D)
-            strides += [i32(st[c]) for c in "bnsd"]
+        strides = _operand_strides(spec, B, SQ, SKV)
         args = [Q.data, K.data, V.data, O.data, *strides, tirx.const(H, "int32"), tirx.const(H // HKV, "int32"),
                 i32(SQ), i32(SKV), tirx.const(D, "int32"), tirx.const(window, "int32"),
                 tirx.FloatImm("float32", qk_scale)]
@@ -258,13 +274,7 @@ def block_sparse_unsupported(spec) -> str | None:
         return f"layout blocks {bq} x {bk}: the kernel takes square blocks of 16, 32, 64 or 128"
     if spec.bias is not None:
         return "an additive bias tensor (the kernel reads only the layout)"
-    if spec.value_dim != spec.head_dim:
-        return f"value dim {spec.value_dim} != head dim {spec.head_dim}"
-    if spec.dtype not in _TIR_DTYPE:
-        return f"dtype {spec.dtype}"
-    if not 1 <= spec.head_dim <= 256:
-        return f"head dim {spec.head_dim} outside [1, 256]"
-    return spec.check()
+    return _kernel_unsupported(spec)
 
 
 def block_sparse_attention_func(spec, arch: str = "sm_80"):
@@ -300,17 +310,13 @@ def block_sparse_attention_func(spec, arch: str = "sm_80"):
                        num_warps=config.num_warps, num_stages=config.num_stages)
 
     H, HKV, D = spec.num_heads, spec.num_kv_heads, spec.head_dim
-    ql, kl, vl, ol = spec.q_layout, spec.k_layout, spec.v_layout, spec.out_layout
     qk_scale = float(spec.scale) * _LOG2E
 
     def i32(x):
         return tirx.Cast("int32", x)
 
     def call(Q, K, V, Rows, Cols, O, B, SQ, SKV):
-        strides = []
-        for layout, heads, seq in ((ql, H, SQ), (kl, HKV, SKV), (vl, HKV, SKV), (ol, H, SQ)):
-            st = _strides(layout, B, heads, seq, D)
-            strides += [i32(st[c]) for c in "bnsd"]
+        strides = _operand_strides(spec, B, SQ, SKV)
         num_q_blocks = i32((SQ + block - 1) // block)
         args = [Q.data, K.data, V.data, O.data, Rows.data, Cols.data, Rows.data, *strides,
                 tirx.const(H, "int32"), tirx.const(H // HKV, "int32"), i32(SQ), i32(SKV), tirx.const(D, "int32"),

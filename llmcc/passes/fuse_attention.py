@@ -676,7 +676,7 @@ class _SiteRewriter(relax.PyExprMutator):
             while _ndim(bias) < 4:
                 bias = self.builder_.emit(relax.op.expand_dims(bias, 0))
             args.append(bias)
-        if getattr(site, "layout", None) is not None:
+        if site.layout is not None:
             args += [relax.const(a) for a in site.layout]
         out = relax.call_tir(self.kernel(spec), args, binding.var.ty)
         # Keep the site's output variable (a dataflow output stays one); only its value changes.
