@@ -224,11 +224,22 @@ def tuning_lines(report: dict) -> list[str]:
 def cmd_tune(args) -> int:
     from llmcc.tuning import tune
 
+    from llmcc.errors import LlmccError
+    from llmcc.tuning.buckets import DEFAULT_BUCKETS, DEFAULT_DIMS
+
+    buckets = DEFAULT_BUCKETS
+    if args.buckets is not None:
+        items = [b.strip() for b in args.buckets.split(",") if b.strip()]
+        if not items or not all(b.isdigit() and int(b) > 0 for b in items):
+            raise LlmccError(f"--buckets {args.buckets}: expected positive lengths, e.g. 32,128,512")
+        buckets = tuple(int(b) for b in items)
+    dims = _parse_dims(args.dims) if args.dims is not None else DEFAULT_DIMS
     try:
         summary = tune(args.model, args.target, args.db, args.trials, max_workers=args.workers,
                        num_cores=args.num_cores, seed=args.seed, compare=args.compare, kernels=args.kernel,
                        population=args.population, transfer_from=args.transfer_from, rpc_tracker=args.rpc_tracker,
-                       rpc_key=args.rpc_key, progress=lambda line: print(line, file=sys.stderr, flush=True))
+                       rpc_key=args.rpc_key, progress=lambda line: print(line, file=sys.stderr, flush=True),
+                       buckets=buckets, dims=dims, trials_per_iter=args.trials_per_round)
     except KeyboardInterrupt:
         print(f"llmcc: interrupted; every record measured so far is in {args.db}: run the same command again to "
               f"resume", file=sys.stderr)
@@ -331,9 +342,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rpc-key", metavar="KEY", help="the key the tracker's servers registered with")
     p.add_argument("--transfer-from", metavar="DIR",
                    help="seed the search with this database's records of the nearest other targets")
+    p.add_argument("--buckets", metavar="L1,L2,...",
+                   help="sequence lengths a kernel with symbolic sizes is tuned at; compile pads shorter ones up to "
+                        "the nearest where that pays (default 128)")
+    p.add_argument("--dims", metavar="NAME=V,...",
+                   help="the other symbolic sizes' values in every bucket (default batch=1)")
     p.add_argument("--kernel", action="append", help="tune only this kernel (repeatable)")
     p.add_argument("--workers", type=int, default=1, help="builder processes (default 1)")
     p.add_argument("--num-cores", type=int, default=None, help="threads the tuned CPU kernels assume (default: all)")
+    p.add_argument("--trials-per-round", type=int, default=32,
+                   help="candidates measured per round of the search, for one kernel at a time (default 32)")
     p.add_argument("--population", type=int, default=512,
                    help="evolutionary search population per round (default 512; 32 for a quick smoke run)")
     p.add_argument("--seed", type=int, default=None)

@@ -5,8 +5,9 @@
     quantize  matmul weights packed to the accuracy gate's plan, dequantization fused into the matmul
     weights   CPU matmul weights packed into the kernel's panels; weights become parameters, stored beside the library
     lower     ops become TIR PrimFuncs, fused
-    schedule  tuned schedules from a tuning database (llmcc.tuning) where one matches the target, then schedule
-              rules from llmcc.schedules for the target
+    schedule  tuned schedules from a tuning database (llmcc.tuning) where one matches the target (a kernel with a
+              symbolic length: its tuned length buckets, dispatched at run time), then schedule rules from
+              llmcc.schedules for the target
     finalize  TVM's dataflow lowering and memory planning for the VM
 
 Each phase is a function returning its pass list; ``run`` applies them in order, timing each phase and recording
@@ -26,6 +27,7 @@ from llmcc.errors import BuildFailure
 from llmcc.passes import TvmPass
 from llmcc.passes.apply_schedule_rules import RESHAPE_VIEW, ApplyScheduleRules
 from llmcc.passes.apply_tuning_database import ApplyTuningDatabase
+from llmcc.passes.dispatch_length_buckets import DispatchLengthBuckets
 from llmcc.passes.fold_lora_branches import FoldLoraBranches
 from llmcc.passes.accumulate_in_float32 import AccumulateInFloat32
 from llmcc.passes.expand_integer_power import ExpandIntegerPower
@@ -168,7 +170,8 @@ def schedule_phase(target: TargetSpec, options: PipelineOptions) -> list:
     from llmcc.schedules import rules_for
 
     rules = rules_for(target)
-    tuned = ([ApplyTuningDatabase(options.tuning_db, leave_reshapes=not target.is_gpu)]
+    tuned = ([DispatchLengthBuckets(options.tuning_db, target),
+              ApplyTuningDatabase(options.tuning_db, leave_reshapes=not target.is_gpu)]
              if options.tuning_db is not None else [])
     # On CUDA, dlight's rules must bind every kernel to threads; on CPU a pure reshape is best left to become a view
     return tuned + ([ApplyScheduleRules(rules, leave_reshapes=not target.is_gpu)] if rules else [])
@@ -189,9 +192,10 @@ PHASES = [("graph", graph_phase), ("quantize", quantize_phase), ("weights", weig
           ("lower", lower_phase), ("schedule", schedule_phase), ("finalize", finalize_phase)]
 
 
-def _tuning_provenance(kernels: list, choices: dict) -> list:
+def _tuning_provenance(kernels: list, choices: dict, buckets: dict, skipped: dict) -> list:
     """The report's "tuning" entries: for every kernel, whether its schedule is a tuned record of this target, one
-    transferred from another, or a schedule rule's (with why the records tried were dropped)."""
+    transferred from another, or a schedule rule's (with why the records tried were dropped); a kernel with length
+    buckets lists them ("buckets": [{"kernel", "lengths": [lo, hi]}]: other lengths run its own schedule)."""
     entries = []
     for kernel in kernels:
         if kernel["rule"] == RESHAPE_VIEW:  # not a kernel: the VM runs it as a view
@@ -199,8 +203,11 @@ def _tuning_provenance(kernels: list, choices: dict) -> list:
         choice = choices.get(kernel["name"])
         entry = {"kernel": kernel["name"], "provenance": choice.provenance if choice else "rule",
                  "source_time_us": choice.source_time_us if choice else None}
-        if choice is not None and choice.dropped:
-            entry["dropped"] = list(choice.dropped)
+        dropped = list(choice.dropped if choice is not None else ()) + skipped.get(kernel["name"], [])
+        if dropped:
+            entry["dropped"] = dropped
+        if kernel["name"] in buckets:
+            entry["buckets"] = buckets[kernel["name"]]
         entries.append(entry)
     return entries
 
@@ -214,6 +221,8 @@ def run(mod: tvm.IRModule, target: TargetSpec, options: PipelineOptions | None =
     result = PipelineResult(mod=mod, weights=[])
     tuned: list = []
     choices: dict = {}
+    buckets: dict = {}
+    skipped: dict = {}
     with target.tvm_target():
         for phase, make_passes in PHASES:
             start = time.perf_counter()
@@ -227,12 +236,14 @@ def run(mod: tvm.IRModule, target: TargetSpec, options: PipelineOptions | None =
                 result.passes.append({"name": p.name, "phase": phase, "rewrites": int(p.rewrites)})
                 if isinstance(p, LiftWeights):
                     result.weights = p.weights
+                if isinstance(p, DispatchLengthBuckets):
+                    tuned, choices, buckets, skipped = list(p.kernels), dict(p.choices), p.buckets, p.skipped
                 if isinstance(p, ApplyTuningDatabase):
-                    tuned = result.kernels = p.kernels
-                    choices = p.choices
+                    tuned = result.kernels = tuned + p.kernels
+                    choices.update(p.choices)
                 if isinstance(p, ApplyScheduleRules):
                     result.kernels = tuned + p.kernels
-                    result.tuning = _tuning_provenance(result.kernels, choices)
+                    result.tuning = _tuning_provenance(result.kernels, choices, buckets, skipped)
                 if isinstance(p, FuseAttention):
                     result.attention = p.sites
                 if isinstance(p, QuantizeWeights):

@@ -282,13 +282,13 @@ def test_cuda_record_transfers_to_newer_archs_or_is_dropped_with_a_reason(tmp_pa
     import llmcc
     from llmcc.targets import resolve
     from llmcc.tuning import TuningDatabase, choose_schedule, lowered_kernels, workload_module
-    from llmcc.tuning.search import _rule_trace
+    from llmcc.tuning.search import rule_trace
 
     model = _matmul_onnx(tmp_path / "mm.onnx")
     sm80 = resolve("cuda:sm_80")
     (name, func, _, _), = lowered_kernels(model, sm80)
     db = TuningDatabase(tmp_path / "db", create=True)
-    db.add([TuningRecord(_rule_trace(func, sm80), Workload(workload_module(func)), [2e-6], sm80.tvm_target(),
+    db.add([TuningRecord(rule_trace(func, sm80), Workload(workload_module(func)), [2e-6], sm80.tvm_target(),
                          ms.arg_info.ArgInfo.from_prim_func(func))])
     module = llmcc.compile(model, target="cuda:sm_90", tuning_db=db.path, verify=False)
     assert _tuning(module)[name] == {"kernel": name, "provenance": "transferred:cuda:sm_80", "source_time_us": 2.0}
@@ -318,12 +318,12 @@ def test_cuda_tuning_builds_candidates_in_builder_workers_and_needs_a_tracker(tm
     from llmcc.errors import LlmccError
     from llmcc.targets import resolve
     from llmcc.tuning import tune, workload_module
-    from llmcc.tuning.search import BUILD_FUNC, _register_build, _rule_trace, tuning_target
+    from llmcc.tuning.search import BUILD_FUNC, _register_build, rule_trace, tuning_target
 
     spec = resolve("cuda:sm_90")
     func, _ = _big_shared_memory_record("sm_90")
     sch = s_tir.Schedule(workload_module(func))
-    _rule_trace(func, spec).apply_to_schedule(sch, remove_postproc=False)
+    rule_trace(func, spec).apply_to_schedule(sch, remove_postproc=False)
     builder = ms.builder.LocalBuilder(max_workers=1, timeout_sec=120, f_build=BUILD_FUNC, initializer=_register_build)
     (built,) = builder.build([ms.builder.BuilderInput(sch.mod, tuning_target(spec))])
     assert built.error_msg is None and os.path.getsize(built.artifact_path) > 0

@@ -148,6 +148,7 @@ class TuningDatabase:
         self.warnings: list[str] = []
         self._parsed_workloads: dict[str, object] = {}
         self._by_workload: dict[str, list[_Entry]] = {}
+        self._argument_shapes: list | None = None
         seen: set = set()
         for workload_file, record_file in _shards(self.path):
             hashes: list = []  # by line order, None where a line is corrupt (record lines count on the order)
@@ -218,6 +219,19 @@ class TuningDatabase:
             name = describe_key(e.key)
             counts[name] = counts.get(name, 0) + 1
         return counts
+
+    def argument_shapes(self) -> list[tuple]:
+        """The distinct argument lists of the records, each ((dtype, (dims...)), ...): how length buckets are found
+        (llmcc.tuning.buckets.candidate_lengths) without decoding any workload."""
+        if self._argument_shapes is None:
+            shapes = set()
+            for e in self.entries:
+                try:
+                    shapes.add(tuple((str(a[1]), tuple(int(d) for d in a[2])) for a in e.raw[3]))
+                except (TypeError, ValueError, IndexError):  # not tensor arguments: no bucket to find there
+                    continue
+            self._argument_shapes = sorted(shapes)
+        return self._argument_shapes
 
     def kernel_entries(self, func) -> list[_Entry]:
         """The entries of kernel ``func`` (any target, failed runs included)."""

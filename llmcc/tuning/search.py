@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -27,6 +28,7 @@ import time
 from pathlib import Path
 
 from llmcc.errors import LlmccError
+from llmcc.tuning.buckets import DEFAULT_BUCKETS, DEFAULT_DIMS, binding_name, specialize, tuning_bindings
 from llmcc.tuning.database import TuningDatabase, open_database, run_secs, workload_hash, workload_module
 from llmcc.tuning.keys import cuda_limits, describe_key, key_target, target_key, transfer_order
 from llmcc.tuning.transfer import check_fits, replay, tensor_intrinsics_only
@@ -102,10 +104,14 @@ def load_proto(model):
     return onnx_import.load_model(model), text
 
 
-def lowered_kernels(model, spec) -> list[tuple[str, object, str | None, int]]:
+def lowered_kernels(model, spec, buckets=(), dims=None) -> list[tuple[str, object, str | None, int]]:
     """The kernels llmcc's pipeline makes for ``model`` (graph..lower phases, as llmcc.compile runs them without
     quantization), each ``(name, PrimFunc, reason it is not tunable or None, call sites)``: MetaSchedule's task
-    extraction on the lowered module, which merges structurally equal kernels into one task."""
+    extraction on the lowered module, which merges structurally equal kernels into one task. A kernel with
+    symbolic sizes comes once per bucket, its sizes bound to ``dims`` and its length to each of ``buckets``
+    (``<kernel>@batch=1,sequence=128``), when its rows are independent along them (llmcc.tuning.buckets); else
+    once, with the reason."""
+    dims = DEFAULT_DIMS if dims is None else dims
     from tvm import relax, tirx
     from tvm.s_tir import meta_schedule as ms
 
@@ -128,7 +134,12 @@ def lowered_kernels(model, spec) -> list[tuple[str, object, str | None, int]]:
         elif not spec.is_gpu and relax.analysis.has_reshape_pattern(func):
             reason = "reshape (becomes a view, no kernel)"
         elif not is_static(func):
-            reason = "symbolic shape (bucketed tuning not implemented)"
+            bindings, reason = tuning_bindings(func, buckets, dims)
+            if reason is None:
+                out += [(f"{task.task_name}@{binding_name(b)}", specialize(func, b), None, int(task.weight))
+                        for b in bindings]
+                continue
+            reason = f"symbolic shape: {reason}"
         else:
             reason = None
         out.append((task.task_name, func, reason, int(task.weight)))
@@ -171,7 +182,7 @@ def rule_schedule(func, spec):
     return new
 
 
-def _rule_trace(func, spec):
+def rule_trace(func, spec):
     """The trace of llmcc's rule schedule for ``func`` (the first rule that takes it), or None."""
     from tvm import s_tir
 
@@ -187,6 +198,28 @@ def _rule_trace(func, spec):
                 sch = space if isinstance(space, s_tir.Schedule) else space[0]
                 return sch.trace
     return None
+
+
+_LAMBDA = re.compile(r"lambda ([^:]*):")
+
+
+def trace_text(trace) -> str:
+    """A trace's text with every lambda's parameters renamed by position: the same schedule printed from a record
+    read back and from a fresh rule application names its index maps' variables differently."""
+    def rename(text: str) -> str:
+        out, pos = [], 0
+        for match in _LAMBDA.finditer(text):
+            names = [n.strip() for n in match.group(1).split(",") if n.strip()]
+            end = text.find("\n", match.end())
+            end = len(text) if end < 0 else end
+            body = text[match.end():end]
+            for i, name in enumerate(names):
+                body = re.sub(rf"\b{re.escape(name)}\b", f"_p{i}", body)
+            out += [text[pos:match.start()], "lambda " + ", ".join(f"_p{i}" for i in range(len(names))) + ":", body]
+            pos = end
+        return "".join(out) + text[pos:]
+
+    return rename(str(trace))
 
 
 def _device_type(spec) -> str:
@@ -332,7 +365,8 @@ def _session_database(seed_records, writer):
 def tune(model, target: str = "cpu", db_dir=None, trials: int = 64, *, trials_per_iter: int = 32,
          max_workers: int = 1, num_cores: int | None = None, seed: int | None = None, compare: bool = False,
          kernels: list[str] | None = None, population: int = 512, transfer_from=None,
-         rpc_tracker: str | None = None, rpc_key: str | None = None, progress=None) -> dict:
+         rpc_tracker: str | None = None, rpc_key: str | None = None, progress=None,
+         buckets=DEFAULT_BUCKETS, dims=None) -> dict:
     """Tune the static-shape kernels of ``model`` for ``target`` into the database folder ``db_dir`` (created if
     missing); see the module docstring. ``trials``: the trial budget over all kernels, counting this target's
     records of these kernels already in the database. ``kernels``: only these kernel names. ``compare``: time each
@@ -340,6 +374,8 @@ def tune(model, target: str = "cpu", db_dir=None, trials: int = 64, *, trials_pe
     round (512 as MetaSchedule; 32 makes a few-trial run take seconds, for tests). ``transfer_from``: another
     database folder whose records of the nearest targets seed the search. ``rpc_tracker`` ("HOST:PORT") and
     ``rpc_key``: measure on that tracker's servers. ``progress``: called with one line per measured batch.
+    ``buckets``: the lengths a kernel with symbolic sizes is tuned at, ``dims`` ({name: value}, default batch=1)
+    its other sizes (llmcc.tuning.buckets).
 
     Returns a summary: {"target", "target_key", "db", "runner", "trials", "trials_before", "trials_run",
     "records_added", "seconds", "kernels": [{"kernel", "tuned", "reason", "best_us", "rule_measured_us",
@@ -347,9 +383,9 @@ def tune(model, target: str = "cpu", db_dir=None, trials: int = 64, *, trials_pe
     """
     from tvm.s_tir import meta_schedule as ms
 
-    from llmcc.targets import resolve
+    from llmcc.targets import TargetSpec, resolve
 
-    spec = resolve(target)
+    spec = target if isinstance(target, TargetSpec) else resolve(target)
     if db_dir is None:
         raise LlmccError("tune needs a database folder (--db DIR)")
     if trials < 1:
@@ -361,7 +397,8 @@ def tune(model, target: str = "cpu", db_dir=None, trials: int = 64, *, trials_pe
     db = TuningDatabase(db_dir, create=True)
     start = time.perf_counter()
     key = target_key(spec)
-    found = lowered_kernels(model, spec)
+    buckets = _check_buckets(buckets)
+    found = lowered_kernels(model, spec, buckets, dims)
     tunable = [(n, f, w) for n, f, r, w in found if r is None and (not kernels or n in kernels)]
     hashes = {workload_hash(workload_module(func)) for _, func, _ in tunable}
     before = [r for r in (db.record(e) for e in db.entries if e.key == key and e.shash in hashes) if r is not None]
@@ -390,7 +427,7 @@ def tune(model, target: str = "cpu", db_dir=None, trials: int = 64, *, trials_pe
                                                   initializer=_register_build)
                 seeds: list = []  # (kernel name, tune context, trace, why: "rule" or a source key)
                 for (name, func, _), ctx in zip(tunable, contexts):
-                    trace = _rule_trace(func, spec)
+                    trace = rule_trace(func, spec)
                     if trace is not None:
                         seeds.append((name, ctx, trace, "rule"))
                     if source_db is not None:
@@ -425,20 +462,33 @@ def tune(model, target: str = "cpu", db_dir=None, trials: int = 64, *, trials_pe
     return summary
 
 
+def _check_buckets(buckets) -> tuple[int, ...]:
+    try:
+        lengths = tuple(sorted({int(b) for b in buckets or ()}))
+    except (TypeError, ValueError):
+        raise LlmccError(f"--buckets {buckets}: expected lengths, e.g. 32,128,512") from None
+    if any(b < 1 for b in lengths):
+        raise LlmccError(f"--buckets {','.join(map(str, lengths))}: lengths must be at least 1")
+    return lengths
+
+
 def _measure_seeds(seeds: list, before: list, builder, runner, target, device_type: str, session) -> list:
-    """Measure the seed schedules (once per distinct trace; one already in the database keeps its record) in one
-    batch and commit each as a record of ``target`` to ``session``; returns [(seed, mean seconds or None)]."""
+    """Measure the seed schedules (once per kernel and distinct trace; one already in the database keeps its
+    record) in one batch and commit each as a record of ``target`` to ``session``; returns
+    [(seed, mean seconds or None)]."""
     from tvm import s_tir
     from tvm.s_tir import meta_schedule as ms
 
-    measured = {str(r.trace): run_secs(r) for r in before}
+    # keyed by workload too: a rule's trace (splits by None) reads the same for two shapes of one kernel
+    measured = {(workload_hash(r.workload.mod), trace_text(r.trace)): run_secs(r) for r in before}
     todo, candidates, out = [], [], []
     for seed in seeds:
         _, ctx, trace, _ = seed
-        if str(trace) in measured:
-            out.append((seed, measured[str(trace)]))
+        key = (workload_hash(ctx.mod), trace_text(trace))
+        if key in measured:
+            out.append((seed, measured[key]))
             continue
-        measured[str(trace)] = None
+        measured[key] = None
         sch = s_tir.Schedule(ctx.mod)
         trace.apply_to_schedule(sch, remove_postproc=False)
         todo.append(seed)

@@ -35,6 +35,7 @@ class ScheduleChoice:
     provenance: str                      # "tuned" | "transferred:<key>" | "rule"
     source_time_us: float | None = None  # the record's measured time on its own target
     dropped: tuple[str, ...] = ()        # "<key>: why" for every record tried and not used
+    source: tuple | None = None          # the target key the record was measured on
 
 
 @contextlib.contextmanager
@@ -138,7 +139,7 @@ def choose_schedule(db, func, target) -> ScheduleChoice:
     dropped: list[str] = []
     for rec in by_key.get(key, ()):
         try:
-            return ScheduleChoice(replay(func, rec), "tuned", _us(rec))
+            return ScheduleChoice(replay(func, rec), "tuned", _us(rec), source=key)
         except Exception as exc:  # noqa: BLE001 - a record that no longer replays (another TVM) is skipped
             dropped.append(f"{describe_key(key)}: does not replay ({_short(exc)})")
     for source in transfer_order(by_key, key):
@@ -152,7 +153,8 @@ def choose_schedule(db, func, target) -> ScheduleChoice:
             if reason:
                 dropped.append(f"{describe_key(source)}: {reason}")
                 continue
-            return ScheduleChoice(scheduled, f"transferred:{describe_key(source)}", _us(rec), tuple(dropped))
+            return ScheduleChoice(scheduled, f"transferred:{describe_key(source)}", _us(rec), tuple(dropped),
+                                  source=source)
     return ScheduleChoice(None, "rule", None, tuple(dropped))
 
 
