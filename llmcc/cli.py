@@ -204,8 +204,8 @@ def cmd_inspect(args) -> int:
 
 
 def tuning_lines(report: dict) -> list[str]:
-    """Where the kernels' schedules came from: a count per provenance, then one line per non-rule kernel and per
-    kernel whose records were all dropped."""
+    """Where the kernels' schedules came from: a count per provenance, then one line per non-rule kernel, per
+    length bucket a kernel dispatches to, and per kernel with records dropped."""
     entries = report.get("tuning", [])
     if not entries:
         return []
@@ -216,8 +216,12 @@ def tuning_lines(report: dict) -> list[str]:
     for e in entries:
         if e["provenance"] != "rule":
             lines.append(f"{e['kernel']}: {e['provenance']} ({e['source_time_us']} us measured there)")
-        elif e.get("dropped"):
-            lines.append(f"{e['kernel']}: rule; records dropped: {'; '.join(e['dropped'])}")
+        for bucket in e.get("buckets", []):
+            sizes = ", ".join(f"{k} <= {v}" for k, v in bucket["sizes"].items())
+            lines.append(f"{e['kernel']}: {bucket['kernel']} for {sizes} with at least {bucket['min_elements']} "
+                         f"elements (padded); the rule's schedule otherwise")
+        if e.get("dropped"):
+            lines.append(f"{e['kernel']}: {e['provenance']}; records dropped: {'; '.join(e['dropped'])}")
     return lines
 
 

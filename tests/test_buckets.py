@@ -199,3 +199,31 @@ def test_buckets_no_faster_than_the_rule_are_not_used(bucket_db, tmp_path):
     entries = [e for e in module.report["tuning"] if e["kernel"].startswith("fused_matmul")]
     assert len(entries) == 1 and not entries[0].get("buckets"), entries
     assert any("not 5% under the rule's 100.00 us" in d for d in entries[0]["dropped"]), entries
+
+
+def test_dispatcher_builds_for_cuda(tmp_path, monkeypatch):
+    """sm_80: the bucket's static kernel (an sm_80 record: the rule's dlight schedule, as if tuned) and the
+    dispatcher's pad and take kernels cross-compile with nvcc; the rule's time is patched in, a CUDA record of it
+    being unmeasurable here."""
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule.database import TuningRecord, Workload
+
+    import llmcc
+    from llmcc.passes.dispatch_length_buckets import DispatchLengthBuckets
+    from llmcc.targets import resolve
+    from llmcc.tuning import TuningDatabase, lowered_kernels, workload_module
+    from llmcc.tuning.search import rule_trace
+
+    model, _, _ = _model(tmp_path / "mm.onnx", 1)
+    sm80 = resolve("cuda:sm_80")
+    kernels = [(f, n) for n, f, reason, _ in lowered_kernels(model, sm80, (16,), {"batch": 2}) if reason is None]
+    assert [n.split("@")[1] for _, n in kernels] == ["batch=2,seq=16"]
+    db = TuningDatabase(tmp_path / "db", create=True)
+    db.add([TuningRecord(rule_trace(f, sm80), Workload(workload_module(f)), [2e-6], sm80.tvm_target(),
+                         ms.arg_info.ArgInfo.from_prim_func(f)) for f, _ in kernels])
+    monkeypatch.setattr(DispatchLengthBuckets, "_rule_us", lambda self, static, source: 8.0)
+    module = llmcc.compile(model, target="cuda:sm_80", tuning_db=db.path)
+    entry = next(e for e in module.report["tuning"] if e.get("buckets"))
+    assert entry["buckets"][0]["sizes"] == {"batch": 2, "seq": 16}
+    assert entry["buckets"][0]["min_elements"] == int(32 * 2.0 * 1.05 / 8.0) + 1
+    module.save(tmp_path / "mm.llmcc")

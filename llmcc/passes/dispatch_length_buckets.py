@@ -77,7 +77,7 @@ class DispatchLengthBuckets(LlmccPass):
         super().__init__()
         self.database = database
         self.target = target
-        self.kernels: list[dict] = []  # [{"name", "rule": "tuned"}] for the static bucket kernels
+        self.kernels: list[dict] = []  # [{"name", "rule"}]: the bucket kernels ("tuned"), the pad and take ones
         self.choices: dict[str, object] = {}  # bucket kernel name -> llmcc.tuning.ScheduleChoice
         self.buckets: dict[str, list] = {}  # symbolic kernel -> [{"kernel", "sizes", "min_elements"}]
         self.skipped: dict[str, list] = {}  # symbolic kernel -> ["bucket <b>: why it is not used"]
@@ -112,6 +112,18 @@ class DispatchLengthBuckets(LlmccPass):
                 skipped.append(f"bucket {name}: tuned {choice.source_time_us} us is not "
                                f"{lb.PADDING_MARGIN:.0%} under the rule's {rule_us:.2f} us")
         return plan, skipped
+
+    def _add_copy_kernel(self, bb, func, name):
+        """A pad or take kernel, scheduled by the rules here: on CPU the take (a copy of leading rows) looks like a
+        reshape to apply_schedule_rules, which would leave it unscheduled for a view it cannot become."""
+        from llmcc.passes.apply_schedule_rules import ApplyScheduleRules
+        from llmcc.schedules import rules_for
+
+        scheduled, rule = ApplyScheduleRules(rules_for(self.target))._schedule(func, tvm.target.Target.current())
+        gvar = bb.add_func(scheduled if scheduled is not None else func, name)
+        if rule and all(k["name"] != gvar.name_hint for k in self.kernels):
+            self.kernels.append({"name": gvar.name_hint, "rule": rule})
+        return gvar
 
     def _rule_us(self, static, source_key) -> float | None:
         """The rule schedule's measured time for the static kernel on the record's own target (``tune`` measures
@@ -156,7 +168,8 @@ class DispatchLengthBuckets(LlmccPass):
                 buckets.append((binding, fewest, static_gv))
                 self.buckets.setdefault(gvar.name_hint, []).append(
                     {"kernel": static_gv.name_hint, "sizes": dict(binding), "min_elements": fewest})
-            routes[gvar] = bb.add_func(_dispatcher(bb, gvar, func, num_inputs, buckets), f"{gvar.name_hint}_buckets")
+            routes[gvar] = bb.add_func(_dispatcher(bb, lambda f, n: self._add_copy_kernel(bb, f, n), gvar, func,
+                                                   num_inputs, buckets), f"{gvar.name_hint}_buckets")
         if not routes:
             return mod, 0
         mod = bb.get()
@@ -185,8 +198,9 @@ def _call_sites(mod) -> dict:
     return sites
 
 
-def _dispatcher(bb, kernel_gv, func, num_inputs: int, buckets: list):
-    """The private Relax function choosing a bucket by the symbolic sizes at run time (module docstring)."""
+def _dispatcher(bb, add_kernel, kernel_gv, func, num_inputs: int, buckets: list):
+    """The private Relax function choosing a bucket by the symbolic sizes at run time (module docstring).
+    ``add_kernel(func, name)``: adds a pad or take kernel to the module, scheduled."""
     names = [v.name for v in symbolic_vars(func)]
     sizes = {name: tirx.Var(name, "int64") for name in names}
 
@@ -214,7 +228,7 @@ def _dispatcher(bb, kernel_gv, func, num_inputs: int, buckets: list):
             if not any(isinstance(d, tirx.Var) for d in param.shape):
                 args.append(x)
                 continue
-            pad = bb.add_func(pad_rows_func(param.shape, param.dtype, binding), "pad_rows")
+            pad = add_kernel(pad_rows_func(param.shape, param.dtype, binding), "pad_rows")
             padded = relax.Var("padded", sinfo(param, static))
             bindings.append(relax.VarBinding(padded, relax.call_tir(pad, relax.Tuple([x]), sinfo(param, static))))
             args.append(padded)
@@ -228,7 +242,7 @@ def _dispatcher(bb, kernel_gv, func, num_inputs: int, buckets: list):
             if len(outputs) > 1:
                 item = relax.Var(f"item{i}", static_sinfo[i])
                 bindings.append(relax.VarBinding(item, relax.TupleGetItem(result, i)))
-            take = bb.add_func(take_rows_func(param.shape, param.dtype, binding), "take_rows")
+            take = add_kernel(take_rows_func(param.shape, param.dtype, binding), "take_rows")
             row = relax.Var("rows", own_out[i])
             bindings.append(relax.VarBinding(row, relax.call_tir(take, relax.Tuple([item]), own_out[i])))
             rows.append(row)
