@@ -87,3 +87,21 @@ def test_no_tool_shadows_a_standard_module():
     """tools/ is sys.path[0] when a tool runs: a tools/profile.py made `import cProfile` (torch) load it instead."""
     shadowing = [p.name for p in (ROOT / "tools").glob("*.py") if p.stem in sys.stdlib_module_names]
     assert not shadowing, shadowing
+
+
+def test_tune_zoo_and_bench_tuning_smoke(tmp_path):
+    """tune_zoo writes a compacted database with its summary; bench_tuning's zoo part compiles with it and says
+    which kernels got a tuned schedule."""
+    db = tmp_path / "zoo-db"
+    r = _run(ROOT / "tools" / "tune_zoo.py", "--models", "llama-decode", "--trials-per-kernel", "1", "--population",
+             "16", "--out", db)
+    assert r.returncode == 0, r.stdout + r.stderr
+    summary = json.loads((db / "summary.json").read_text())
+    assert summary["models"][0]["model"] == "llama-decode" and summary["records"] >= 1
+    assert not list(db.glob("database_workload.*.json"))  # shards compacted into the plain pair
+    r = _run(ROOT / "tools" / "bench_tuning.py", "--only", "zoo", "--models", "llama-decode", "--db", db,
+             "--repeat", "3", "--rounds", "1", "--out", tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (row,) = json.loads((tmp_path / "tuning.json").read_text())["results"]["zoo"]
+    assert row["model"] == "llama-decode" and row["verify"] and row["provenance"].get("tuned", 0) >= 1
+    assert "| llama-decode |" in (tmp_path / "tuning.md").read_text()

@@ -172,6 +172,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="zoo,transfer,cuda,runners", help="comma-separated parts")
     parser.add_argument("--models", nargs="*", help="zoo part: zoo models (default: all)")
+    parser.add_argument("--db", default=str(ZOO_DB), help="zoo and transfer parts: this CPU's full tune")
     parser.add_argument("--model", default="llama", help="transfer and cuda parts: the zoo model")
     parser.add_argument("--trials-per-kernel", type=int, default=16, help="transfer part: the full tune's budget")
     parser.add_argument("--population", type=int, default=128)
@@ -193,10 +194,10 @@ def main(argv=None) -> int:
     for part in parts:
         print(f"bench_tuning {part} ...", flush=True)
         if part == "zoo":
-            results["zoo"] = bench_zoo(args.models or list(zoo.ZOO), args.repeat, args.rounds)
+            results["zoo"] = bench_zoo(args.models or list(zoo.ZOO), args.repeat, args.rounds, Path(args.db))
         elif part == "transfer":
             results["transfer"] = bench_transfer(args.model, args.trials_per_kernel, args.population, args.repeat,
-                                                 args.rounds)
+                                                 args.rounds, Path(args.db))
         elif part == "cuda":
             results["cuda"] = bench_cuda(args.model)
         elif part == "runners":

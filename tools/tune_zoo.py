@@ -84,7 +84,9 @@ def main(argv=None) -> int:
         faster = [k for k in summary["kernels"] if k.get("best_us") and k.get("rule_measured_us")
                   and k["best_us"] < k["rule_measured_us"]]
         rows.append({"model": name, "kernels": tunable, "trials_run": summary["trials_run"],
-                     "seconds": summary["seconds"], "faster_than_rule": len(faster)})
+                     "seconds": summary["seconds"], "faster_than_rule": len(faster),
+                     "without_record": [k["kernel"] for k in summary["kernels"] if k["tuned"] is False
+                                        and k["reason"] == "no candidate built and ran"]})
         print(f"  {name}: {summary['trials_run']} trials in {summary['seconds']} s; {len(faster)} of {tunable} "
               f"kernels beat the rule's schedule", flush=True)
 
