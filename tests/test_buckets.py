@@ -14,7 +14,7 @@ from tvm import te, tirx
 
 from llmcc.tuning import buckets as lb
 
-K, N = 64, 48
+K, N = 256, 192
 
 
 def _func(*tensors):
@@ -153,7 +153,7 @@ def test_dispatcher_runs_buckets_where_they_pay_and_the_rule_elsewhere(bucket_db
     import llmcc
 
     model, w, b, db, _ = bucket_db
-    faster = _faster_copy(db, tmp_path / "faster", 4.0)
+    faster = _faster_copy(db, tmp_path / "faster", 8.0)
     module = llmcc.compile(model, target="cpu", tuning_db=faster)
     entry = next(e for e in module.report["tuning"] if e.get("buckets"))
     buckets = {tuple(sorted(bk["sizes"].items())): bk for bk in entry["buckets"]}
@@ -165,24 +165,28 @@ def test_dispatcher_runs_buckets_where_they_pay_and_the_rule_elsewhere(bucket_db
     rng = np.random.default_rng(seed)
 
     def expected(batch, length):
-        """The smallest bucket the shape fits in with at least its min_elements, else the rule's kernel."""
+        """The smallest bucket the shape fits in with at least its min_elements (its own sizes always), else the
+        rule's kernel; and whether the rows are padded."""
         for bk in (small, large):
+            if (batch, length) == (2, bk["sizes"]["seq"]):
+                return bk["kernel"], False
             if batch <= 2 and length <= bk["sizes"]["seq"] and batch * length >= bk["min_elements"]:
-                return bk["kernel"]
-        return None
+                return bk["kernel"], True
+        return None, False
 
     shapes = [(2, 16), (1, 16), (2, 17), (2, 32), (1, 32), (2, 33), (3, 8), (1, 1),
               (2, int(small["min_elements"]) // 2), (1, int(large["min_elements"]) - 1)]
     cases = {s: expected(*s) for s in shapes if s[1] >= 1}
-    assert cases[(2, 16)] == small["kernel"] and cases[(2, 32)] == large["kernel"]
-    for (batch, length), expected in cases.items():
+    assert cases[(2, 16)][0] == small["kernel"] and cases[(2, 32)][0] == large["kernel"]
+    assert any(padded for _, padded in cases.values()), (small, large)  # the padded path is exercised too
+    for (batch, length), (expected, padded) in cases.items():
         x = rng.standard_normal((batch, length, K)).astype(np.float32)
         got, called = _called(module, x)
         np.testing.assert_allclose(got, np.maximum(x @ w + b, 0), rtol=1e-5, atol=1e-5,
                                    err_msg=f"seed {seed} batch {batch} seq {length}")
         ran = [n for n in called if n.startswith("fused_matmul") and not n.endswith(("_buckets", "_padded"))]
         assert ran == [expected or entry["kernel"]], (batch, length, called)
-        assert any(n.startswith("pad_rows") for n in called) == (expected is not None)
+        assert any(n.startswith("pad_rows") for n in called) == padded, (batch, length, called)
 
 
 def test_buckets_no_faster_than_the_rule_are_not_used(bucket_db, tmp_path):
@@ -221,9 +225,9 @@ def test_dispatcher_builds_for_cuda(tmp_path, monkeypatch):
     db = TuningDatabase(tmp_path / "db", create=True)
     db.add([TuningRecord(rule_trace(f, sm80), Workload(workload_module(f)), [2e-6], sm80.tvm_target(),
                          ms.arg_info.ArgInfo.from_prim_func(f)) for f, _ in kernels])
-    monkeypatch.setattr(DispatchLengthBuckets, "_rule_us", lambda self, static, source: 8.0)
+    monkeypatch.setattr(DispatchLengthBuckets, "_rule_us", lambda self, static, source: 100.0)
     module = llmcc.compile(model, target="cuda:sm_80", tuning_db=db.path)
     entry = next(e for e in module.report["tuning"] if e.get("buckets"))
     assert entry["buckets"][0]["sizes"] == {"batch": 2, "seq": 16}
-    assert entry["buckets"][0]["min_elements"] == int(32 * 2.0 * 1.05 / 8.0) + 1
+    assert 1 <= entry["buckets"][0]["min_elements"] < 32  # the padded path is built too
     module.save(tmp_path / "mm.llmcc")

@@ -4,9 +4,9 @@ Runs in the schedule phase when a tuning database is given, before apply_tuning_
 kernel with symbolic sizes (batch, sequence) whose rows are independent along them (llmcc.tuning.buckets), it
 looks up the static sizes the database holds records for (``llmcc tune --buckets 32,128 --dims batch=1``). A bucket
 with a record usable on the target (its own, or a validated transfer: llmcc.tuning.choose_schedule) becomes a static
-kernel ``<name>_batch1_sequence128`` with that schedule, used for every shape that fits in the bucket and has at
-least ``min_elements`` (batch x sequence) elements, below which padding up to the bucket costs more than the tuned
-schedule saves (buckets.lowest_elements). The kernel's call sites go through a dispatcher function that picks the
+kernel ``<name>_batch1_sequence128`` with that schedule, used for the bucket's own sizes as they are, and for every
+shape that fits in the bucket and has at least ``min_elements`` (batch x sequence) elements on rows padded up to it;
+below that, padding costs more than the tuned schedule saves (buckets.lowest_elements, padding_overhead_us). The kernel's call sites go through a dispatcher function that picks the
 smallest such bucket at run time; any other shape runs the symbolic kernel, which the rules schedule as before.
 ``self.buckets`` says which shapes go where and ``self.skipped`` why a bucket in the database is not used (the
 report's "tuning" entry of the kernel gets them as "buckets" and "dropped").
@@ -21,13 +21,19 @@ After::
 
     @R.function(private=True)
     def fused_matmul_add_buckets(x: R.Tensor((batch, sequence, 512)), w: R.Tensor((512, 512))):
-        if batch <= 1 and sequence <= 128 and batch * sequence >= 40:   # the bucket (1, 128), tuned
-            xp = R.call_tir(pad_rows, (x,), R.Tensor((1, 128, 512)))      # rows past the true sizes: zero
-            yp = R.call_tir(fused_matmul_add_batch1_sequence128, (xp, w), R.Tensor((1, 128, 512)))
-            r = R.call_tir(take_rows, (yp,), R.Tensor((batch, sequence, 512)))
+        if batch == 1 and sequence == 128:          # the bucket's own sizes: its tuned kernel on x as it is
+            r = R.call_tir(fused_matmul_add_batch1_sequence128, (x, w), R.Tensor((batch, sequence, 512)))
+        elif batch <= 1 and sequence <= 128 and batch * sequence >= 40:    # worth padding to the bucket
+            r = fused_matmul_add_batch1_sequence128_padded(x, w)
         else:
             r = R.call_tir(fused_matmul_add, (x, w), R.Tensor((batch, sequence, 512)))   # rule-scheduled
         return r
+
+    @R.function(private=True)   # its own function: memory planned apart from the other branches
+    def fused_matmul_add_batch1_sequence128_padded(x, w):
+        xp = R.call_tir(pad_rows, (x,), R.Tensor((1, 128, 512)))         # rows past the true sizes: zero
+        yp = R.call_tir(fused_matmul_add_batch1_sequence128, (xp, w), R.Tensor((1, 128, 512)))
+        return R.call_tir(take_rows, (yp,), R.Tensor((batch, sequence, 512)))
 """
 
 from __future__ import annotations
@@ -105,9 +111,10 @@ class DispatchLengthBuckets(LlmccPass):
                 continue
             elements = math.prod(binding.values())
             rule_us = self._rule_us(static, choice.source)
-            fewest = lb.lowest_elements(elements, choice.source_time_us, rule_us)
-            if fewest <= elements:
-                plan.append((binding, fewest, choice))
+            if lb.lowest_elements(elements, choice.source_time_us, rule_us) <= elements:
+                overhead = lb.padding_overhead_us(func, binding)
+                tuned = choice.source_time_us + overhead if choice.source_time_us is not None else None
+                plan.append((binding, min(lb.lowest_elements(elements, tuned, rule_us), elements), choice))
             else:
                 skipped.append(f"bucket {name}: tuned {choice.source_time_us} us is not "
                                f"{lb.PADDING_MARGIN:.0%} under the rule's {rule_us:.2f} us")
@@ -256,18 +263,23 @@ def _dispatcher(bb, add_kernel, kernel_gv, func, num_inputs: int, buckets: list)
         name = kernel_gv.name_hint + "_" + "_".join(f"{k}{v}" for k, v in binding.items()) + "_padded"
         return bb.add_func(relax.Function(args_in, body, own_ret, is_pure=True), name)
 
-    def bucket_branch(binding, static_gv):
+    def call(expr):
         result = relax.Var("result", ret)
-        return seq([relax.VarBinding(result, relax.Call(padded_call(binding, static_gv), params))], result)
+        return seq([relax.VarBinding(result, expr)], result)
 
-    fallback = relax.Var("result", ret)
-    branch = seq([relax.VarBinding(fallback, relax.call_tir(kernel_gv, relax.Tuple(params), out_sinfo))], fallback)
+    def choose(cond, then, otherwise):
+        chosen = relax.Var("result", ret)
+        return seq([relax.VarBinding(chosen, relax.If(relax.prim_value(cond), then, otherwise))], chosen)
+
+    branch = call(relax.call_tir(kernel_gv, relax.Tuple(params), out_sinfo))
     elements = math.prod(sizes.values()) if names else _const(1)
     for binding, fewest, static_gv in reversed(buckets):  # the smallest bucket that fits is tested first
-        chosen = relax.Var("result", ret)
-        fits = [sizes[k] <= _const(v) for k, v in binding.items()] + [elements >= _const(fewest)]
-        cond = relax.prim_value(tirx.all(*fits))
-        branch = seq([relax.VarBinding(chosen, relax.If(cond, bucket_branch(binding, static_gv), branch))], chosen)
+        if fewest < math.prod(binding.values()):
+            fits = [sizes[k] <= _const(v) for k, v in binding.items()] + [elements >= _const(fewest)]
+            branch = choose(tirx.all(*fits), call(relax.Call(padded_call(binding, static_gv), params)), branch)
+        # the bucket's own sizes: the static kernel on the tensors as they are (its shape checks pass), no copies
+        exact = call(relax.call_tir(static_gv, relax.Tuple(params), out_sinfo))
+        branch = choose(tirx.all(*[sizes[k] == _const(v) for k, v in binding.items()]), exact, branch)
     return relax.Function(params, branch, ret, is_pure=True)
 
 

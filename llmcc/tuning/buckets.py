@@ -13,10 +13,11 @@ that size at its own row ``v``; the size appears nowhere else. A matmul over tok
 qualify; a softmax over keys (a reduction along the length), a transpose of two lengths, a causal mask (the length
 in an index) do not.
 
-Padding costs work: a bucket of E elements (the product of its sizes) runs E rows' worth for a shape of e. It is
-worth it where the bucket's tuned time is under the rule's time at e (taken as linear in the elements):
-``lowest_elements`` is that bound, from the two records the database holds for the bucket (the tuned one and the
-rule's own, which ``tune`` measures first).
+A shape equal to the bucket's runs its static kernel on the tensors as they are, where the tuned record beats the
+rule's by PADDING_MARGIN. Padding costs: a bucket of E elements (the product of its sizes) runs E rows' worth for a
+shape of e, plus the copies (``padding_overhead_us``). It is worth it where that is under the rule's time at e
+(taken as linear in the elements): ``lowest_elements`` is the bound, from the two records the database holds for
+the bucket (the tuned one and the rule's own, which ``tune`` measures first).
 """
 
 from __future__ import annotations
@@ -28,8 +29,12 @@ from tvm import tirx
 #: ``llmcc tune`` without ``--buckets`` / ``--dims``: the lengths a prefill kernel is tuned at, and its other sizes
 DEFAULT_BUCKETS = (128,)
 DEFAULT_DIMS = {"batch": 1}
-#: a bucket must beat the rule by this fraction at the true length: the padding and row copies are not free
+#: a bucket must beat the rule by this fraction at the true sizes
 PADDING_MARGIN = 0.05
+#: the padded path's cost beyond its kernel: a VM function call, two more kernel calls and two allocations, and
+#: the copies at 10 GB/s (the pad and take kernels copied 15-55 GB/s on this 2-core VM, by size; conservative)
+PADDED_CALL_US = 5.0
+COPY_BYTES_PER_US = 10000.0
 
 
 def _uses(expr, var) -> bool:
@@ -194,6 +199,21 @@ def candidate_bindings(db, func) -> list[dict]:
         if ok and len(binding) == len(variables):
             found[tuple(sorted(binding.items()))] = {v.name: binding[v.name] for v in variables}
     return sorted(found.values(), key=lambda b: (math.prod(b.values()), tuple(b.values())))
+
+
+def padding_overhead_us(func, binding: dict) -> float:
+    """What running a bucket on padded rows costs on top of its kernel: a call of the padding function and, for
+    every tensor with a symbolic size, a copy of it at the bucket's size (written, then read)."""
+    import tvm
+
+    total = 0
+    for param in func.params:
+        shape = getattr(param, "shape", None)
+        if shape and any(isinstance(d, tirx.Var) for d in shape):
+            dtype = tvm.DataType(str(param.dtype))
+            total += math.prod(int(binding[d.name]) if isinstance(d, tirx.Var) else int(d) for d in shape) * \
+                dtype.bits * dtype.lanes // 8
+    return PADDED_CALL_US + 2 * total / COPY_BYTES_PER_US
 
 
 def lowest_elements(elements: int, tuned_us: float | None, rule_us: float | None) -> int:
