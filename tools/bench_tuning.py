@@ -219,20 +219,257 @@ def main(argv=None) -> int:
 # ------------------------------------------------------------------------------------------ cuda and runners parts
 
 
+CUDA_SOURCE = "cuda:sm_80"
+CUDA_TARGETS = ("cuda:sm_86", "cuda:sm_90")
+CUDA_KERNELS = 6
+CUDA_SAMPLES = 8
+
+
+def _cuda_kernels(model: str, spec, count: int) -> list[tuple[str, object]]:
+    """The model's first ``count`` tunable kernels for ``spec``, matmuls first: their schedules stage tiles in
+    shared memory, the limit that differs between the archs."""
+    from llmcc.tuning import lowered_kernels
+
+    tunable = [(name, func) for name, func, reason, _ in lowered_kernels(model, spec, BUCKETS, DIMS) if reason is None]
+    return sorted(tunable, key=lambda row: "matmul" not in row[0])[:count]
+
+
+def _sm80_samples(func, target, samples: int, seed: int) -> list:
+    """Up to ``samples`` distinct traces MetaSchedule's sm_80 search could have measured for ``func``: random
+    decisions over its design space (ReplayTrace), each passing sm_80's postprocessors (VerifyGPUCode with its
+    limits among them)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from llmcc.tuning.database import workload_module
+    from llmcc.tuning.search import trace_text
+
+    ctx = ms.TuneContext(mod=workload_module(func), target=target, space_generator="post-order-apply",
+                         search_strategy=ms.search_strategy.ReplayTrace(max_fail_count=64), num_threads=1,
+                         rand_state=seed)
+    ctx.pre_tuning(max_trials=samples * 2, num_trials_per_iter=samples * 2,
+                   design_spaces=ctx.generate_design_space())
+    traces: dict[str, object] = {}
+    for candidate in ctx.generate_measure_candidates() or []:
+        traces.setdefault(trace_text(candidate.sch.trace), candidate.sch.trace)
+    ctx.post_tuning()
+    return list(traces.values())[:samples]
+
+
+def _fresh_copy(func):
+    """A deep copy of ``func``: a schedule applied to ``workload_module(func)`` rewrites ``func``'s body in place
+    (TVM 0.27), after which no later trace replays onto it."""
+    import tvm
+
+    return tvm.ir.load_json(tvm.ir.save_json(func))
+
+
+def _drop_class(reason: str) -> str:
+    """A drop reason without what differs between kernels and archs (kernel name, arch, ptxas's byte count)."""
+    import re
+
+    reason = re.sub(r" for cuda:sm_\d+|nvcc failed on kernel \w+ for sm_\d+: |Entry function '\w+' ", "", reason)
+    return re.sub(r"\(0x[0-9a-f]+ bytes, 0x([0-9a-f]+) max\)", lambda m: f"(over {int(m.group(1), 16) // 1024} KiB)",
+                  reason)
+
+
+def _transfer_reason(func, record, target) -> str | None:
+    """Why ``record`` is dropped for ``target`` (compile's checks, llmcc.tuning.transfer), or None: kept."""
+    from llmcc.tuning.transfer import check_builds, check_fits, replay
+
+    try:
+        scheduled = replay(_fresh_copy(func), record)
+    except Exception as exc:  # noqa: BLE001 - as choose_schedule: a record that does not replay
+        return f"does not replay ({str(exc).strip().splitlines()[-1][:100]})"
+    return check_fits(scheduled, target) or check_builds(scheduled, target)
+
+
 def bench_cuda(model: str) -> dict:
-    raise NotImplementedError("cuda part: being written")
+    """Schedules of ``model``'s kernels sampled from sm_80's search space, as sm_80 records, replayed for sm_86
+    and sm_90 the way compile transfers a record (llmcc.tuning.transfer: replay, fit the limits, build with nvcc):
+    how many each target keeps, and why the others are dropped. The same checks for sm_80 itself
+    (``source_check``) tell a record that no GPU could run from one that does not transfer."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from llmcc.targets import resolve
+    from llmcc.tuning.database import workload_module
+    from llmcc.tuning.search import tuning_target
+    from llmcc.tuning.transfer import tensor_intrinsics_only
+
+    start = time.perf_counter()
+    source = resolve(CUDA_SOURCE)
+    sm80 = tuning_target(source)
+    kernels = _cuda_kernels(model, source, CUDA_KERNELS)
+    counts = {name: {"kept": 0, "dropped": 0, "dropped_also_on_source": 0, "reasons": {}}
+              for name in (CUDA_SOURCE,) + CUDA_TARGETS}
+    unsampled, samples = [], 0
+    with tensor_intrinsics_only("cuda"):
+        for seed, (name, func) in enumerate(kernels):
+            try:
+                traces = _sm80_samples(_fresh_copy(func), sm80, CUDA_SAMPLES, seed)
+            except Exception as exc:  # noqa: BLE001 - the search space itself fails: reported, not fatal
+                traces = []
+                print(f"  {name}: no sm_80 sample ({str(exc).strip().splitlines()[-1][:150]})", flush=True)
+            if not traces:
+                unsampled.append(name)
+                continue
+            samples += len(traces)
+            args_info = ms.arg_info.ArgInfo.from_prim_func(func)
+            for trace in traces:
+                record = ms.database.TuningRecord(trace, ms.database.Workload(workload_module(_fresh_copy(func))),
+                                                  [1e-5], sm80, args_info)
+                source_fails = False
+                for target_name, row in counts.items():
+                    reason = _transfer_reason(func, record, resolve(target_name).tvm_target())
+                    if reason is None:
+                        row["kept"] += 1
+                        continue
+                    source_fails = source_fails or target_name == CUDA_SOURCE
+                    row["dropped"] += 1
+                    row["dropped_also_on_source"] += int(source_fails)
+                    reason = _drop_class(reason)
+                    row["reasons"][reason] = row["reasons"].get(reason, 0) + 1
+            print(f"  {name}: {len(traces)} sm_80 samples; " + ", ".join(
+                f"{t} kept {c['kept']} dropped {c['dropped']}" for t, c in counts.items()), flush=True)
+    for row in counts.values():
+        row["fraction_dropped"] = row["dropped"] / max(row["kept"] + row["dropped"], 1)
+    source_check = counts.pop(CUDA_SOURCE)
+    del source_check["dropped_also_on_source"]
+    return {"model": model, "source": CUDA_SOURCE, "kernels": len(kernels), "samples": samples,
+            "unsampled_kernels": unsampled,
+            "note": "schedules sampled from sm_80's search space (not measured: no GPU here)",
+            "source_check": source_check, "targets": counts, "seconds": round(time.perf_counter() - start, 1)}
 
 
 def cuda_markdown(result: dict) -> list[str]:
-    raise NotImplementedError("cuda part: being written")
+    lines = [f"## CUDA transfer: {result['model']}'s {result['source']} schedules replayed for newer archs", "",
+             (f"{result['samples']} schedules of {result['kernels']} kernels; {result['note']}. Each is replayed, "
+              f"checked against the target's limits and built with nvcc, as compile transfers a record; the first "
+              f"row is the same check for {result['source']} itself ({result['seconds']:.0f} s).")]
+    if result["unsampled_kernels"]:
+        lines.append(f"No valid sm_80 schedule sampled for: {', '.join(result['unsampled_kernels'])}.")
+    lines += ["", "| target | kept | dropped | fraction dropped | of those, dropped on the source too | reasons |",
+              "|---|---|---|---|---|---|"]
+    rows = {f"{result['source']} (itself)": dict(result["source_check"], dropped_also_on_source="-"),
+            **result["targets"]}
+    for name, t in rows.items():
+        reasons = "; ".join(f"{reason} ({n})" for reason, n in t["reasons"].items()) or "none"
+        lines.append(f"| {name} | {t['kept']} | {t['dropped']} | {t['fraction_dropped']:.0%} | "
+                     f"{t['dropped_also_on_source']} | {reasons} |")
+    lines.append("")
+    return lines
+
+
+RUNNER_KEY = "llmcc-bench"
+RUNNER_TRIALS = 32
+RUNNER_MODEL = "x[64, 256] @ W[256, 256] + b -> relu"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _matmul_onnx(path: Path) -> Path:
+    """RUNNER_MODEL as ONNX: one static kernel, every candidate of which a CPU RPC server can run."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((256, 256)).astype(np.float32), "w")
+    b = numpy_helper.from_array(rng.standard_normal(256).astype(np.float32), "b")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"]), helper.make_node("Add", ["y", "b"], ["yb"]),
+             helper.make_node("Relu", ["yb"], ["out"])]
+    graph = helper.make_graph(nodes, "mm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, 256])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [64, 256])], [w, b])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.save(model, str(path))
+    return path
+
+
+def _start_rpc(command: list[str]):
+    """A TVM RPC process (tvm.exec.*) in its own process group: a server's forked worker outlives a plain kill."""
+    import subprocess
+
+    return subprocess.Popen([sys.executable, "-m", *command, "--host", "127.0.0.1", "--silent"],
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)), start_new_session=True)
+
+
+def _wait_for_servers(port: int, count: int, timeout: float = 120) -> None:
+    import contextlib
+
+    from tvm import rpc
+
+    deadline = time.time() + timeout
+    while True:
+        with contextlib.suppress(Exception):  # the tracker or the servers not up yet
+            if rpc.connect_tracker("127.0.0.1", port).summary()["queue_info"][RUNNER_KEY]["free"] == count:
+                return
+        if time.time() > deadline:
+            raise SystemExit(f"runners part: {count} RPC servers did not register in {timeout:.0f} s")
+        time.sleep(0.5)
 
 
 def bench_runners() -> dict:
-    raise NotImplementedError("runners part: being written")
+    """RUNNER_TRIALS trials of RUNNER_MODEL tuned through a loopback TVM RPC tracker with one CPU server under
+    RUNNER_KEY, then again (a fresh database) with a second server registered: trials per second each way."""
+    import contextlib
+    import signal
+
+    from llmcc.tuning import tune
+
+    work = Path(tempfile.mkdtemp(prefix="llmcc-bench-runners-"))
+    port = _free_port()
+    procs = [_start_rpc(["tvm.exec.rpc_tracker", "--port", str(port), "--port-end", str(port + 1)])]
+    runs = {}
+    try:
+        model = _matmul_onnx(work / "mm.onnx")
+        for name, servers in (("one_runner", 1), ("two_runners", 2)):
+            while len(procs) - 1 < servers:
+                server_port = _free_port()
+                procs.append(_start_rpc(["tvm.exec.rpc_server", "--port", str(server_port), "--port-end",
+                                         str(server_port + 20), "--tracker", f"127.0.0.1:{port}", "--key",
+                                         RUNNER_KEY]))
+            _wait_for_servers(port, servers)
+            print(f"  tune through the tracker, {servers} runner(s): {RUNNER_TRIALS} trials", flush=True)
+            start = time.perf_counter()
+            summary = tune(model, "cpu", work / name, RUNNER_TRIALS, trials_per_iter=16, max_workers=2,
+                           population=64, seed=0, rpc_tracker=f"127.0.0.1:{port}", rpc_key=RUNNER_KEY)
+            seconds = time.perf_counter() - start
+            runs[name] = {"trials": summary["trials_run"], "seconds": round(seconds, 1),
+                          "tune_seconds": summary["seconds"], "trials_per_s": summary["trials_run"] / seconds,
+                          "runner": summary["runner"]}
+            print(f"  {servers} runner(s): {summary['trials_run']} trials in {seconds:.1f} s "
+                  f"({runs[name]['trials_per_s']:.2f} trials/s)", flush=True)
+    finally:
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        shutil.rmtree(work, ignore_errors=True)
+    cores = os.cpu_count()
+    return {"model": RUNNER_MODEL, "trials": RUNNER_TRIALS, **runs,
+            "speedup": runs["two_runners"]["trials_per_s"] / runs["one_runner"]["trials_per_s"], "cores": cores,
+            "note": f"On this {cores}-core machine the search, the builders (2 workers) and both runners share the "
+                    f"same {cores} cores (each runner's kernels on TVM_NUM_THREADS threads), so a second runner adds "
+                    f"no compute and cannot double throughput here; and a second runner on its own machine splits "
+                    f"only the measuring, while building and the search stay on the tuning machine"}
 
 
 def runners_markdown(result: dict) -> list[str]:
-    raise NotImplementedError("runners part: being written")
+    lines = ["## Tuning throughput through an RPC tracker: one runner vs two", "",
+             f"{result['model']}, {result['trials']} trials, CPU RPC servers on loopback. {result['note']}.", "",
+             "| runners | trials | seconds (wall) | trials/s |", "|---|---|---|---|"]
+    for name, label in (("one_runner", "1"), ("two_runners", "2")):
+        r = result[name]
+        lines.append(f"| {label} | {r['trials']} | {r['seconds']:.1f} | {r['trials_per_s']:.2f} |")
+    lines += ["", f"Two runners: {result['speedup']:.2f}x the trials per second of one ({result['cores']} cores).",
+              ""]
+    return lines
 
 
 if __name__ == "__main__":
