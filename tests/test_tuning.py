@@ -408,3 +408,20 @@ def test_tune_through_an_rpc_tracker_seeded_from_another_target_then_resumed(tun
         tune(model, "cpu", tmp_path / "db", trials=3, rpc_tracker=tracker, rpc_key="nope")
     with pytest.raises(LlmccError, match="--rpc-tracker 127.0.0.1:1: cannot reach"):
         tune(model, "cpu", tmp_path / "db", trials=3, rpc_tracker="127.0.0.1:1", rpc_key="llmcc-test")
+
+
+def test_replay_leaves_the_kernel_unscheduled(tuned):
+    """Replaying a record must not rewrite the kernel it starts from: choose_schedule tries several records on one
+    kernel, and after an in-place rewrite none of the later ones replayed ("does not replay")."""
+    import tvm
+
+    from llmcc.tuning import TuningDatabase
+    from llmcc.tuning.transfer import replay
+
+    _, db, _, _ = tuned
+    records = TuningDatabase(db).records()
+    func = records[0].workload.mod["main"]
+    before = tvm.ir.save_json(func)
+    for rec in records:
+        replay(func, rec)
+        assert tvm.ir.save_json(func) == before

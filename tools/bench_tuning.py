@@ -256,8 +256,8 @@ def _sm80_samples(func, target, samples: int, seed: int) -> list:
 
 
 def _fresh_copy(func):
-    """A deep copy of ``func``: a schedule applied to ``workload_module(func)`` rewrites ``func``'s body in place
-    (TVM 0.27), after which no later trace replays onto it."""
+    """A deep copy of ``func`` for MetaSchedule's sampling and for each record's workload: both schedule what they
+    are given, and the kernel the replays start from must stay unscheduled."""
     import tvm
 
     return tvm.ir.load_json(tvm.ir.save_json(func))
@@ -277,7 +277,7 @@ def _transfer_reason(func, record, target) -> str | None:
     from llmcc.tuning.transfer import check_builds, check_fits, replay
 
     try:
-        scheduled = replay(_fresh_copy(func), record)
+        scheduled = replay(func, record)
     except Exception as exc:  # noqa: BLE001 - as choose_schedule: a record that does not replay
         return f"does not replay ({str(exc).strip().splitlines()[-1][:100]})"
     return check_fits(scheduled, target) or check_builds(scheduled, target)

@@ -68,13 +68,17 @@ def tensor_intrinsics_only(*families: str):
 
 
 def replay(func, record):
-    """``func`` scheduled by ``record``'s trace (its attributes kept, marked tirx.is_scheduled)."""
+    """``func`` scheduled by ``record``'s trace (its attributes kept, marked tirx.is_scheduled); ``func`` itself is
+    left as it was."""
+    import tvm
     from tvm import s_tir
 
     if "Tensorize" in str(record.trace):  # the trace names tensor intrinsics: register its target's family
         importlib.import_module("tvm.s_tir.tensor_intrin." + ("cuda" if target_key(record.target)[0] == "cuda"
                                                               else "x86"))
-    sch = s_tir.Schedule(workload_module(func))
+    # on a deep copy: scheduling the module made from ``func`` rewrote ``func``'s own body in place, and no later
+    # record then replayed onto it (choose_schedule tries several)
+    sch = s_tir.Schedule(workload_module(tvm.ir.load_json(tvm.ir.save_json(func))))
     record.trace.apply_to_schedule(sch, remove_postproc=False)
     new = sch.mod["main"]
     attrs = dict(func.attrs) if func.attrs is not None else {}
