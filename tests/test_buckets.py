@@ -53,6 +53,9 @@ def test_kernels_that_must_not_be_padded():
     table = te.placeholder((512, K), "float32", "pos")
     positions = _func(x, table, te.compute((n, K), lambda i, j: x[i, j] + table[i, j], name="pos_add"))
     assert "outside its sequence dimension" in lb.bucket_reason(positions)[1]
+    scale = tirx.Var("scale", "int64")
+    by_value = _func(x, te.compute((n, K), lambda i, j: x[i, j] * scale.astype("float32"), name="s"), scale)
+    assert "scalar parameter" in lb.bucket_reason(by_value)[1]
     y = te.placeholder((n + 1, K), "float32", "y")
     assert "expression" in lb.bucket_reason(_func(y, te.compute((n + 1, K), lambda i, j: y[i, j], name="c")))[1]
 

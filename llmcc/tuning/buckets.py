@@ -118,9 +118,13 @@ def row_independent(func, var) -> str | None:
 
 def bucket_reason(func) -> tuple[list, str | None]:
     """``(symbolic vars, None)`` for a kernel that can be tuned per bucket, else ``(vars or [], why not)``."""
+    if any(getattr(p, "shape", None) is None for p in func.params):
+        return [], "a scalar parameter (a size passed by value)"
     variables = symbolic_vars(func)
     if variables is None:
         return [], "a dimension is an expression of the symbolic sizes"
+    if not variables:
+        return [], "no symbolic size in its tensors"
     for var in variables:
         reason = row_independent(func, var)
         if reason is not None:
