@@ -234,3 +234,14 @@ def test_dispatcher_builds_for_cuda(tmp_path, monkeypatch):
     assert entry["buckets"][0]["sizes"] == {"batch": 2, "seq": 16}
     assert 1 <= entry["buckets"][0]["min_elements"] < 32  # the padded path is built too
     module.save(tmp_path / "mm.llmcc")
+
+
+def test_sizes_only_an_output_has_are_not_dispatched():
+    """A broadcast to [batch, seq, K] from [seq, K]: the dispatcher could not read batch off its inputs."""
+    from llmcc.passes.dispatch_length_buckets import _output_only_sizes
+
+    n, b = tirx.Var("seq", "int64"), tirx.Var("batch", "int64")
+    x = te.placeholder((n, K), "float32", "x")
+    func = _func(x, te.compute((b, n, K), lambda i, j, k: x[j, k], name="y"))
+    assert _output_only_sizes(func, 1) == {"batch"}
+    assert _output_only_sizes(_matmul_rows(n), 2) == set()

@@ -5,7 +5,8 @@ For every zoo model: ``llmcc tune`` at the benchmark's shapes (batch 1; the symb
 bucket 128, which tools/bench.py runs), a fixed number of search trials per kernel after the rule's own schedule.
 The shipped folder keeps, per kernel, the fastest record and the rule's own record (compile compares the two to
 decide where padding a shorter sequence up to the bucket still pays), compacted into one MetaSchedule JSON pair,
-with summary.json saying what was tuned, how long it took and the command.
+with summary.json saying what was tuned (per model: its kernels, the trials measured for them in all, those run
+by this invocation and how long they took; re-running with the same --work resumes) and the command.
 
     python tools/tune_zoo.py                                    # every zoo model -> tuning/zoo-cpu/
     python tools/tune_zoo.py --models llama minilm --trials-per-kernel 8 --out /tmp/zoo-db
@@ -75,7 +76,7 @@ def main(argv=None) -> int:
     for name in models:
         tunable = sum(1 for _, _, reason, _ in lowered_kernels(name, spec, BUCKETS, DIMS) if reason is None)
         if not tunable:
-            rows.append({"model": name, "kernels": 0, "seconds": 0.0})
+            rows.append({"model": name, "kernels": 0, "trials": 0})
             continue
         print(f"tune {name}: {tunable} kernels x ({args.trials_per_kernel} trials + the rule's)", flush=True)
         summary = tune(name, "cpu", work, tunable * (args.trials_per_kernel + 1), population=args.population,
@@ -83,8 +84,9 @@ def main(argv=None) -> int:
                        progress=lambda line: print("  " + line, flush=True))
         faster = [k for k in summary["kernels"] if k.get("best_us") and k.get("rule_measured_us")
                   and k["best_us"] < k["rule_measured_us"]]
-        rows.append({"model": name, "kernels": tunable, "trials_run": summary["trials_run"],
-                     "seconds": summary["seconds"], "faster_than_rule": len(faster),
+        rows.append({"model": name, "kernels": tunable, "trials": summary["trials_before"] + summary["trials_run"],
+                     "trials_run_now": summary["trials_run"], "seconds_now": summary["seconds"],
+                     "faster_than_rule": len(faster),
                      "without_record": [k["kernel"] for k in summary["kernels"] if k["tuned"] is False
                                         and k["reason"] == "no candidate built and ran"]})
         print(f"  {name}: {summary['trials_run']} trials in {summary['seconds']} s; {len(faster)} of {tunable} "

@@ -159,8 +159,8 @@ class DispatchLengthBuckets(LlmccPass):
             if not isinstance(func, tirx.PrimFunc) or gvar.name_hint not in sites:
                 continue
             num_inputs = sites[gvar.name_hint]
-            if num_inputs is None:
-                continue
+            if num_inputs is None or _output_only_sizes(func, num_inputs):
+                continue  # the dispatcher reads the sizes off its inputs: a size only an output has is unknown there
             plan, skipped = self._plan(func)
             if skipped:
                 self.skipped[gvar.name_hint] = skipped
@@ -186,6 +186,14 @@ class DispatchLengthBuckets(LlmccPass):
                 new_func = router.visit_expr(func)
                 router.builder_.update_func(gv, new_func)
         return relax.transform.Normalize()(router.builder_.get()), router.rewrites
+
+
+def _output_only_sizes(func, num_inputs: int) -> set:
+    """The symbolic sizes of ``func`` that none of its first ``num_inputs`` parameters (the inputs) has."""
+    def names(params):
+        return {d.name for p in params for d in getattr(p, "shape", None) or () if isinstance(d, tirx.Var)}
+
+    return names(func.params[num_inputs:]) - names(func.params[:num_inputs])
 
 
 def _call_sites(mod) -> dict:
