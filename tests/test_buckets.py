@@ -185,8 +185,9 @@ def test_dispatcher_runs_buckets_where_they_pay_and_the_rule_elsewhere(bucket_db
     for (batch, length), (expected, padded) in cases.items():
         x = rng.standard_normal((batch, length, K)).astype(np.float32)
         got, called = _called(module, x)
-        np.testing.assert_allclose(got, np.maximum(x @ w + b, 0), rtol=1e-5, atol=1e-5,
-                                   err_msg=f"seed {seed} batch {batch} seq {length}")
+        # float32 sums of K = 256 products of size ~1 against float64: ~1e-5 absolute on outputs of size ~16
+        ref = np.maximum(x.astype(np.float64) @ w + b, 0)
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-4, err_msg=f"seed {seed} batch {batch} seq {length}")
         ran = [n for n in called if n.startswith("fused_matmul") and not n.endswith(("_buckets", "_padded"))]
         assert ran == [expected or entry["kernel"]], (batch, length, called)
         assert any(n.startswith("pad_rows") for n in called) == padded, (batch, length, called)
@@ -205,7 +206,7 @@ def test_buckets_no_faster_than_the_rule_are_not_used(bucket_db, tmp_path):
     module = llmcc.compile(model, target="cpu", tuning_db=equal.path)
     entries = [e for e in module.report["tuning"] if e["kernel"].startswith("fused_matmul")]
     assert len(entries) == 1 and not entries[0].get("buckets"), entries
-    assert any("not 5% under the rule's 100.00 us" in d for d in entries[0]["dropped"]), entries
+    assert any("is not 5% under the rule's 100.00 us" in d for d in entries[0]["dropped"]), entries
 
 
 def test_dispatcher_builds_for_cuda(tmp_path, monkeypatch):

@@ -6,8 +6,9 @@ looks up the static sizes the database holds records for (``llmcc tune --buckets
 with a record usable on the target (its own, or a validated transfer: llmcc.tuning.choose_schedule) becomes a static
 kernel ``<name>_batch1_sequence128`` with that schedule, used for the bucket's own sizes as they are, and for every
 shape that fits in the bucket and has at least ``min_elements`` (batch x sequence) elements on rows padded up to it;
-below that, padding costs more than the tuned schedule saves (buckets.lowest_elements, padding_overhead_us). The kernel's call sites go through a dispatcher function that picks the
-smallest such bucket at run time; any other shape runs the symbolic kernel, which the rules schedule as before.
+below that, padding costs more than the tuned schedule saves (buckets.lowest_elements, padding_overhead_us). The
+kernel's call sites go through a dispatcher function that picks the smallest such bucket at run time; any other
+shape runs the symbolic kernel, which the rules schedule as before.
 ``self.buckets`` says which shapes go where and ``self.skipped`` why a bucket in the database is not used (the
 report's "tuning" entry of the kernel gets them as "buckets" and "dropped").
 
@@ -111,13 +112,13 @@ class DispatchLengthBuckets(LlmccPass):
                 continue
             elements = math.prod(binding.values())
             rule_us = self._rule_us(static, choice.source)
-            if lb.lowest_elements(elements, choice.source_time_us, rule_us) <= elements:
-                overhead = lb.padding_overhead_us(func, binding)
-                tuned = choice.source_time_us + overhead if choice.source_time_us is not None else None
-                plan.append((binding, min(lb.lowest_elements(elements, tuned, rule_us), elements), choice))
+            tuned = choice.source_time_us + lb.DISPATCH_US if choice.source_time_us is not None else None
+            if lb.lowest_elements(elements, tuned, rule_us) <= elements:
+                padded = tuned + lb.padding_overhead_us(func, binding) if tuned is not None else None
+                plan.append((binding, min(lb.lowest_elements(elements, padded, rule_us), elements), choice))
             else:
-                skipped.append(f"bucket {name}: tuned {choice.source_time_us} us is not "
-                               f"{lb.PADDING_MARGIN:.0%} under the rule's {rule_us:.2f} us")
+                skipped.append(f"bucket {name}: tuned {choice.source_time_us} us (+{lb.DISPATCH_US:.0f} us to "
+                               f"dispatch) is not {lb.PADDING_MARGIN:.0%} under the rule's {rule_us:.2f} us")
         return plan, skipped
 
     def _add_copy_kernel(self, bb, func, name):

@@ -13,11 +13,12 @@ that size at its own row ``v``; the size appears nowhere else. A matmul over tok
 qualify; a softmax over keys (a reduction along the length), a transpose of two lengths, a causal mask (the length
 in an index) do not.
 
-A shape equal to the bucket's runs its static kernel on the tensors as they are, where the tuned record beats the
-rule's by PADDING_MARGIN. Padding costs: a bucket of E elements (the product of its sizes) runs E rows' worth for a
-shape of e, plus the copies (``padding_overhead_us``). It is worth it where that is under the rule's time at e
-(taken as linear in the elements): ``lowest_elements`` is the bound, from the two records the database holds for
-the bucket (the tuned one and the rule's own, which ``tune`` measures first).
+A shape equal to the bucket's runs its static kernel on the tensors as they are, where the tuned record plus the
+cost of dispatching (DISPATCH_US) beats the rule's by PADDING_MARGIN. Padding costs: a bucket of E elements (the
+product of its sizes) runs E rows' worth for a shape of e, plus the copies (``padding_overhead_us``). It is worth
+it where that is under the rule's time at e (taken as linear in the elements): ``lowest_elements`` is the bound,
+from the two records the database holds for the bucket (the tuned one and the rule's own, which ``tune`` measures
+first).
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ DEFAULT_BUCKETS = (128,)
 DEFAULT_DIMS = {"batch": 1}
 #: a bucket must beat the rule by this fraction at the true sizes
 PADDING_MARGIN = 0.05
+#: choosing a bucket at run time: the VM calls the dispatcher function, matches shapes and tests the sizes (a dozen
+#: VM instructions); a kernel whose tuned schedule saves less than this is not worth dispatching (the zoo benchmark
+#: without it: llama-decode 0.95x, its tuned bucket kernels saving fractions of a microsecond each)
+DISPATCH_US = 3.0
 #: the padded path's cost beyond its kernel: a VM function call, two more kernel calls and two allocations, and
 #: the copies at 10 GB/s (the pad and take kernels copied 15-55 GB/s on this 2-core VM, by size; conservative)
 PADDED_CALL_US = 5.0
