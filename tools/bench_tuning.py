@@ -139,10 +139,15 @@ def bench_transfer(model: str, trials_per_kernel: int, population: int, repeat: 
 
 
 def markdown(results: dict, meta: dict) -> str:
-    lines = ["# Tuning benchmark", "", f"Machine: {meta['machine']}, {meta['threads']} threads. "
-             f"Command: `{meta['command']}`", ""]
+    lines = ["# Tuning benchmark", "", f"Machine: {meta['machine']}, {meta['threads']} threads. Each section names "
+             "the command that wrote it.", ""]
+
+    def command(part):
+        return [f"Command: `{meta['commands'][part]}`", ""] if part in meta.get("commands", {}) else []
+
     if "zoo" in results:
         lines += ["## Tuned (tuning/zoo-cpu) vs rule-only, batch 1", "",
+                  *command("zoo"),
                   "| model | seq | rule ms | tuned ms | speedup | kernels by provenance | bucket kernels |",
                   "|---|---|---|---|---|---|---|"]
         for r in results["zoo"]:
@@ -153,6 +158,7 @@ def markdown(results: dict, meta: dict) -> str:
     if "transfer" in results:
         t = results["transfer"]
         lines += [f"## Transfer: {t['model']} tuned for {t['narrow_target']}, compiled for this CPU", "",
+                  *command("transfer"),
                   f"{t['kernels']} tunable kernels; full tune {t['full_trials']} trials, 10%: {t['tenth_trials']}.",
                   "", "| database | ms | fraction of the full tune's speed | kernels by provenance |",
                   "|---|---|---|---|"]
@@ -162,9 +168,11 @@ def markdown(results: dict, meta: dict) -> str:
                          f"{', '.join(f'{k} {v}' for k, v in prov.items())} |")
         lines.append("")
     if "cuda" in results:
-        lines += cuda_markdown(results["cuda"])
+        cuda = cuda_markdown(results["cuda"])
+        lines += cuda[:2] + command("cuda") + cuda[2:]
     if "runners" in results:
-        lines += runners_markdown(results["runners"])
+        runners = runners_markdown(results["runners"])
+        lines += runners[:2] + command("runners") + runners[2:]
     return "\n".join(lines) + "\n"
 
 
@@ -188,8 +196,10 @@ def main(argv=None) -> int:
 
     parts = [p.strip() for p in args.only.split(",") if p.strip()]
     out = Path(args.out)
-    previous = out / "tuning.json"
-    results = json.loads(previous.read_text())["results"] if previous.exists() else {}
+    previous = json.loads((out / "tuning.json").read_text()) if (out / "tuning.json").exists() else {}
+    results = previous.get("results", {})
+    commands = previous.get("meta", {}).get("commands", {})  # the command that wrote each part kept
+    command = "python tools/bench_tuning.py " + " ".join(argv if argv is not None else sys.argv[1:])
     start = time.perf_counter()
     for part in parts:
         print(f"bench_tuning {part} ...", flush=True)
@@ -204,8 +214,9 @@ def main(argv=None) -> int:
             results["runners"] = bench_runners()
         else:
             raise SystemExit(f"--only: unknown part {part!r} (zoo, transfer, cuda, runners)")
+    commands.update({part: command for part in parts})
     meta = {"machine": f"{_cpu_name()} ({os.cpu_count()} cores)", "threads": args.threads,
-            "command": "python tools/bench_tuning.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "commands": {part: commands[part] for part in results if part in commands},
             "seconds": round(time.perf_counter() - start, 1)}
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / ".tuning.json.tmp"
