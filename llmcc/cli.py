@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -217,9 +218,12 @@ def tuning_lines(report: dict) -> list[str]:
         if e["provenance"] != "rule":
             lines.append(f"{e['kernel']}: {e['provenance']} ({e['source_time_us']} us measured there)")
         for bucket in e.get("buckets", []):
-            sizes = ", ".join(f"{k} <= {v}" for k, v in bucket["sizes"].items())
-            lines.append(f"{e['kernel']}: {bucket['kernel']} for {sizes} with at least {bucket['min_elements']} "
-                         f"elements (padded); the rule's schedule otherwise")
+            exact = ", ".join(f"{k} = {v}" for k, v in bucket["sizes"].items())
+            line = f"{e['kernel']}: {bucket['kernel']} at {exact}"
+            if bucket["min_elements"] < math.prod(bucket["sizes"].values()):
+                line += (f", and padded up from {', '.join(f'{k} <= {v}' for k, v in bucket['sizes'].items())} "
+                         f"with at least {bucket['min_elements']} elements")
+            lines.append(line + "; the rule's schedule otherwise")
         if e.get("dropped"):
             lines.append(f"{e['kernel']}: {e['provenance']}; records dropped: {'; '.join(e['dropped'])}")
     return lines

@@ -195,7 +195,7 @@ PHASES = [("graph", graph_phase), ("quantize", quantize_phase), ("weights", weig
 def _tuning_provenance(kernels: list, choices: dict, buckets: dict, skipped: dict) -> list:
     """The report's "tuning" entries: for every kernel, whether its schedule is a tuned record of this target, one
     transferred from another, or a schedule rule's (with why the records tried were dropped); a kernel with length
-    buckets lists them ("buckets": [{"kernel", "lengths": [lo, hi]}]: other lengths run its own schedule)."""
+    buckets lists them ("buckets": [{"kernel", "sizes", "min_elements"}]: other shapes run its own schedule)."""
     entries = []
     for kernel in kernels:
         if kernel["rule"] == RESHAPE_VIEW:  # not a kernel: the VM runs it as a view

@@ -55,7 +55,8 @@ def _tuned_kernels(module) -> dict:
     """Counts of the report's tuning provenance, bucket kernels included."""
     counts: dict = {}
     for entry in module.report.get("tuning", []):
-        counts[entry["provenance"].split(":")[0]] = counts.get(entry["provenance"].split(":")[0], 0) + 1
+        kind = entry["provenance"].split(":")[0]
+        counts[kind] = counts.get(kind, 0) + 1
     return counts
 
 
@@ -283,17 +284,6 @@ def _drop_class(reason: str) -> str:
                   reason)
 
 
-def _transfer_reason(func, record, target) -> str | None:
-    """Why ``record`` is dropped for ``target`` (compile's checks, llmcc.tuning.transfer), or None: kept."""
-    from llmcc.tuning.transfer import check_builds, check_fits, replay
-
-    try:
-        scheduled = replay(func, record)
-    except Exception as exc:  # noqa: BLE001 - as choose_schedule: a record that does not replay
-        return f"does not replay ({str(exc).strip().splitlines()[-1][:100]})"
-    return check_fits(scheduled, target) or check_builds(scheduled, target)
-
-
 def bench_cuda(model: str) -> dict:
     """Schedules of ``model``'s kernels sampled from sm_80's search space, as sm_80 records, replayed for sm_86
     and sm_90 the way compile transfers a record (llmcc.tuning.transfer: replay, fit the limits, build with nvcc):
@@ -304,7 +294,7 @@ def bench_cuda(model: str) -> dict:
     from llmcc.targets import resolve
     from llmcc.tuning.database import workload_module
     from llmcc.tuning.search import tuning_target
-    from llmcc.tuning.transfer import tensor_intrinsics_only
+    from llmcc.tuning.transfer import tensor_intrinsics_only, transfer_record
 
     start = time.perf_counter()
     source = resolve(CUDA_SOURCE)
@@ -330,7 +320,7 @@ def bench_cuda(model: str) -> dict:
                                                   [1e-5], sm80, args_info)
                 source_fails = False
                 for target_name, row in counts.items():
-                    reason = _transfer_reason(func, record, resolve(target_name).tvm_target())
+                    reason = transfer_record(func, record, resolve(target_name).tvm_target())[1]
                     if reason is None:
                         row["kept"] += 1
                         continue

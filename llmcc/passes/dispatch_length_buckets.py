@@ -99,7 +99,7 @@ class DispatchLengthBuckets(LlmccPass):
 
         if func.attrs is not None and bool(func.attrs.get("tirx.is_scheduled", False)):
             return [], []
-        if lb.bucket_reason(func)[1] is not None or not lb.symbolic_vars(func):
+        if lb.bucket_reason(func)[1] is not None:
             return [], []
         plan, skipped = [], []
         for binding in lb.candidate_bindings(self.database, func):
@@ -269,8 +269,7 @@ def _dispatcher(bb, add_kernel, kernel_gv, func, num_inputs: int, buckets: list)
             out = relax.Var("rows", own_ret)
             bindings.append(relax.VarBinding(out, relax.Tuple(rows)))
             body = seq(bindings, out)
-        name = kernel_gv.name_hint + "_" + "_".join(f"{k}{v}" for k, v in binding.items()) + "_padded"
-        return bb.add_func(relax.Function(args_in, body, own_ret, is_pure=True), name)
+        return bb.add_func(relax.Function(args_in, body, own_ret, is_pure=True), static_gv.name_hint + "_padded")
 
     def call(expr):
         result = relax.Var("result", ret)
@@ -281,7 +280,7 @@ def _dispatcher(bb, add_kernel, kernel_gv, func, num_inputs: int, buckets: list)
         return seq([relax.VarBinding(chosen, relax.If(relax.prim_value(cond), then, otherwise))], chosen)
 
     branch = call(relax.call_tir(kernel_gv, relax.Tuple(params), out_sinfo))
-    elements = math.prod(sizes.values()) if names else _const(1)
+    elements = math.prod(sizes.values())
     for binding, fewest, static_gv in reversed(buckets):  # the smallest bucket that fits is tested first
         if fewest < math.prod(binding.values()):
             fits = [sizes[k] <= _const(v) for k, v in binding.items()] + [elements >= _const(fewest)]

@@ -208,20 +208,18 @@ _LAMBDA = re.compile(r"lambda ([^:]*):")
 def trace_text(trace) -> str:
     """A trace's text with every lambda's parameters renamed by position: the same schedule printed from a record
     read back and from a fresh rule application names its index maps' variables differently."""
-    def rename(text: str) -> str:
-        out, pos = [], 0
-        for match in _LAMBDA.finditer(text):
-            names = [n.strip() for n in match.group(1).split(",") if n.strip()]
-            end = text.find("\n", match.end())
-            end = len(text) if end < 0 else end
-            body = text[match.end():end]
-            for i, name in enumerate(names):
-                body = re.sub(rf"\b{re.escape(name)}\b", f"_p{i}", body)
-            out += [text[pos:match.start()], "lambda " + ", ".join(f"_p{i}" for i in range(len(names))) + ":", body]
-            pos = end
-        return "".join(out) + text[pos:]
-
-    return rename(str(trace))
+    text = str(trace)
+    out, pos = [], 0
+    for match in _LAMBDA.finditer(text):
+        names = [n.strip() for n in match.group(1).split(",") if n.strip()]
+        end = text.find("\n", match.end())
+        end = len(text) if end < 0 else end
+        body = text[match.end():end]
+        for i, name in enumerate(names):
+            body = re.sub(rf"\b{re.escape(name)}\b", f"_p{i}", body)
+        out += [text[pos:match.start()], "lambda " + ", ".join(f"_p{i}" for i in range(len(names))) + ":", body]
+        pos = end
+    return "".join(out) + text[pos:]
 
 
 def _device_type(spec) -> str:

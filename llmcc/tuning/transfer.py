@@ -134,6 +134,17 @@ def check_builds(scheduled, target) -> str | None:
     return None
 
 
+def transfer_record(func, record, target) -> tuple:
+    """(``func`` scheduled by another target's ``record``, None) when it replays, fits ``target``'s limits and builds
+    for it; else (None, why not)."""
+    try:
+        scheduled = replay(func, record)
+    except Exception as exc:  # noqa: BLE001 - a record that does not replay on this kernel, for any reason
+        return None, f"does not replay ({_short(exc)})"
+    reason = check_fits(scheduled, target) or check_builds(scheduled, target)
+    return (None, reason) if reason else (scheduled, None)
+
+
 def choose_schedule(db, func, target) -> ScheduleChoice:
     """Kernel ``func``'s schedule for ``target`` from ``db`` (module docstring)."""
     key = target_key(target)
@@ -148,12 +159,7 @@ def choose_schedule(db, func, target) -> ScheduleChoice:
             dropped.append(f"{describe_key(key)}: does not replay ({_short(exc)})")
     for source in transfer_order(by_key, key):
         for rec in by_key[source][:MAX_TRIES_PER_SOURCE]:
-            try:
-                scheduled = replay(func, rec)
-            except Exception as exc:  # noqa: BLE001
-                dropped.append(f"{describe_key(source)}: does not replay ({_short(exc)})")
-                continue
-            reason = check_fits(scheduled, target) or check_builds(scheduled, target)
+            scheduled, reason = transfer_record(func, rec, target)
             if reason:
                 dropped.append(f"{describe_key(source)}: {reason}")
                 continue
