@@ -171,7 +171,8 @@ def _compile(model, *, target, quant, max_error, calib, quantize_head, quantize_
             # a quantized module must compute exactly what its plan says (the float model with the plan's
             # dequantized weights), and the plan must keep the budget on the compiled module too
             reference = gate.simulated_model(plan, set(result.quantized)) if plan else proto
-            report["verify"] = run_verify(module, reference, seed=seed)
+            report["verify"] = run_verify(module, reference, seed=seed,
+                                          tolerance=gate.verify_tolerance(plan) if plan else None)
             if plan:
                 report["verify"]["reference"] += " (float model with the quantized weights dequantized)"
             timings["verify"] = time.perf_counter() - start

@@ -2,7 +2,8 @@
 the artifact, and the CLI's errors.
 
 Tolerances: a quantized module must match onnxruntime on the *simulated* model (float32 weights replaced by the
-plan's dequantized values) to float32 precision (rel 1e-5, checked by compile itself and again here on fresh inputs),
+plan's dequantized values) to float32 precision (rel 1e-5, checked by compile itself and again here on fresh inputs; w8a8 rel 5e-3, since its
+activations are rounded after earlier kernels: gate.W8A8_VERIFY_TOLERANCE),
 and stay within the gate's budget vs float32 on the calibration inputs; on fresh random inputs of the same kind we
 allow twice the budget (the gate promises the calibration set, not every input).
 """
@@ -17,7 +18,7 @@ import llmcc
 from helpers import run_cli, tiny_feed
 from llmcc import zoo
 from llmcc.errors import LlmccError
-from llmcc.quant import SCHEMES
+from llmcc.quant import SCHEMES, gate
 from llmcc.verify import relative_error
 
 
@@ -152,6 +153,8 @@ def test_w8a8_quantizes_activations_per_token(tiny_onnx):
     names = [k["name"] for k in module.report["kernels"]]
     assert any(n.startswith("quantize_rows") for n in names) and any("int8_matmul" in n for n in names)
     assert module.report["verify"]["passed"]
+    # activations rounded after earlier kernels may flip a step against the simulation: the looser check applies
+    assert module.report["verify"]["tolerance"] == gate.W8A8_VERIFY_TOLERANCE
     assert module.report["quant"]["error"] <= SCHEMES["w8a8"].max_error
 
 
@@ -176,6 +179,9 @@ def test_every_scheme_compiles_and_verifies(scheme):
     q = module.report["quant"]
     assert [layer["scheme"] for layer in q["layers"]] == [scheme, scheme]
     assert module.report["verify"]["passed"] and q["error"] <= 0.5
+    # weight-only schemes are checked at float32 precision against their simulation; only w8a8 is looser
+    expected = gate.W8A8_VERIFY_TOLERANCE if scheme == "w8a8" else 1e-5
+    assert module.report["verify"]["tolerance"] == expected
     assert q["dequantize_matmul_kernels"] + sum("int8_matmul" in k["name"] for k in module.report["kernels"]) >= 1
 
 

@@ -342,6 +342,22 @@ def plan(proto: onnx.ModelProto, scheme: QuantScheme, *, max_error: float | None
     return result
 
 
+# A w8a8 layer rounds activations that earlier kernels computed. Its kernels sum in int32, in another order than
+# onnxruntime's float matmuls, so an activation within float rounding of a half step can round the other way: one
+# int8 step (1/127 of its row's largest value) on one element. On the 4096-wide GEMV chain one such flip moved the
+# output by 4.2e-4 relative (tools/bench_quant.py). Checking against the simulated model allows this much when the
+# plan has w8a8 layers; the error vs float32 (measure) still holds the gate's budget, and an indexing or scale bug
+# is off by far more.
+W8A8_VERIFY_TOLERANCE = 5e-3
+
+
+def verify_tolerance(p: QuantPlan) -> float | None:
+    """The tolerance of checking the compiled module against ``simulated_model``: None (the dtype's own) unless a
+    layer is w8a8."""
+    w8a8 = any(SCHEMES[lp.scheme].weight is not None and SCHEMES[lp.scheme].weight.kind == "w8a8" for lp in p.layers)
+    return W8A8_VERIFY_TOLERANCE if w8a8 else None
+
+
 def simulated_model(p: QuantPlan, quantized_fingerprints: set[str]) -> onnx.ModelProto:
     """The float model with the dequantized weights of the layers the compiler really quantized."""
     return p.simulator.model({lp.layer.node: (lp.layer, lp.scheme) for lp in p.layers
