@@ -37,6 +37,7 @@ class CudaArch:
     max_threads_per_block: int = 1024
     warp: int = 32
     static_smem_per_block: int = 48 * 1024  # __shared__ a kernel may declare without opting in
+    warp_schedulers_per_sm: int = 4  # each issues one warp's instruction per cycle (sm_70 and later)
 
     def smem_budget(self, resident_blocks: int) -> int:
         """Static shared memory per block that keeps ``resident_blocks`` blocks on one SM (4 KB steps), at most

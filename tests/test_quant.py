@@ -144,6 +144,9 @@ def test_quantized_decode_builds_for_cuda():
     assert q["error"] is None and 0 < q["estimated_error"] <= q["max_error"]
     sass = module.report["cuda_binary"]["sass_kernels"]["sm_80"]
     assert sum("dequant_matmul_int4_g32" in name for name in sass) >= 2
+    # decode's dequantizing matmuls (one row per batch element) are GEMVs, sized from sm_80's figures
+    dequant = [k for k in module.report["kernels"] if "dequant_matmul" in k["name"]]
+    assert dequant and all(k["rule"] == "CudaGemv" and k["tiles"]["threads_k"] > 1 for k in dequant)
 
 
 def test_w8a8_quantizes_activations_per_token(tiny_onnx):

@@ -3,7 +3,8 @@
 Rules are tried in order (dlight style: ``rule.apply(func, target, tunable) -> Schedule | None``). Unlike dlight's
 ApplyDefaultSchedule, a rule that raises on a kernel it claimed (dlight's reduction rule does on some decode
 kernels: "The reduction block vars are not used to index the output buffers") counts as declining it, and the next
-rule, ending with the fallback, gets the kernel. ``self.kernels`` records which rule scheduled each kernel.
+rule, ending with the fallback, gets the kernel. ``self.kernels`` records which rule scheduled each kernel, and the
+tiles a sized rule chose (``rule.tiles``, set by the rule's last ``apply``).
 
 Before::
 
@@ -20,10 +21,13 @@ After::
 
 from __future__ import annotations
 
+import dataclasses
+
 import tvm
 from tvm import relax, s_tir, tirx
 
 from llmcc.passes import LlmccPass
+from llmcc.schedules.cuda import NO_TENSORIZE
 
 
 RESHAPE_VIEW = "reshape view (no kernel)"
@@ -54,7 +58,10 @@ class ApplyScheduleRules(LlmccPass):
             if space is None:
                 continue
             sch = space if isinstance(space, s_tir.Schedule) else space[0]
-            return sch.mod["main"].with_attr("tirx.is_scheduled", True), type(rule).__name__
+            func = sch.mod["main"].with_attr("tirx.is_scheduled", True)
+            if NO_TENSORIZE in func.attrs:  # a rule's private marker (schedules/cuda.py), not the kernel's
+                func = func.without_attr(NO_TENSORIZE)
+            return func, rule
         return None, None
 
     def transform(self, mod):
@@ -68,7 +75,10 @@ class ApplyScheduleRules(LlmccPass):
                 self.kernels.append({"name": gvar.name_hint, "rule": RESHAPE_VIEW})
                 continue
             new_func, rule = self._schedule(func, target)
-            self.kernels.append({"name": gvar.name_hint, "rule": rule or "none"})
+            entry = {"name": gvar.name_hint, "rule": type(rule).__name__ if rule is not None else "none"}
+            if getattr(rule, "tiles", None) is not None:
+                entry["tiles"] = dataclasses.asdict(rule.tiles)
+            self.kernels.append(entry)
             if new_func is not None:
                 updated[gvar] = new_func
         for gvar, func in updated.items():

@@ -129,8 +129,8 @@ class DispatchLengthBuckets(LlmccPass):
 
         scheduled, rule = ApplyScheduleRules(rules_for(self.target))._schedule(func, tvm.target.Target.current())
         gvar = bb.add_func(scheduled if scheduled is not None else func, name)
-        if rule and all(k["name"] != gvar.name_hint for k in self.kernels):
-            self.kernels.append({"name": gvar.name_hint, "rule": rule})
+        if rule is not None and all(k["name"] != gvar.name_hint for k in self.kernels):
+            self.kernels.append({"name": gvar.name_hint, "rule": type(rule).__name__})
         return gvar
 
     def _rule_us(self, static, source_key) -> float | None:

@@ -84,6 +84,9 @@ struct alignas(8) int2 { int x, y; };
 struct alignas(16) int4 { int x, y, z, w; };
 static inline float2 make_float2(float x, float y) { return {x, y}; }
 static inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+struct alignas(16) longlong2 { long long x, y; };
+static inline longlong2 make_longlong2(long long x, long long y) { return {x, y}; }
+static inline int2 make_int2(int x, int y) { return {x, y}; }
 
 template <class T> static inline T max(T a, T b) { return a > b ? a : b; }
 template <class T> static inline T min(T a, T b) { return a < b ? a : b; }
