@@ -25,7 +25,7 @@ from tvm import relax
 
 from llmcc.errors import BuildFailure
 from llmcc.passes import TvmPass
-from llmcc.passes.apply_schedule_rules import RESHAPE_VIEW, ApplyScheduleRules
+from llmcc.passes.apply_schedule_rules import KERNEL_SCHEDULE, RESHAPE_VIEW, ApplyScheduleRules
 from llmcc.passes.apply_tuning_database import ApplyTuningDatabase
 from llmcc.passes.dispatch_length_buckets import DispatchLengthBuckets
 from llmcc.passes.fold_lora_branches import FoldLoraBranches
@@ -136,7 +136,7 @@ def graph_phase(target: TargetSpec, options: PipelineOptions) -> list:
 
 
 def quantize_phase(target: TargetSpec, options: PipelineOptions) -> list:
-    return [QuantizeWeights(options.quant_formats)] if options.quant_formats else []
+    return [QuantizeWeights(options.quant_formats, target)] if options.quant_formats else []
 
 
 def weights_phase(target: TargetSpec, options: PipelineOptions) -> list:
@@ -198,7 +198,7 @@ def _tuning_provenance(kernels: list, choices: dict, buckets: dict, skipped: dic
     buckets lists them ("buckets": [{"kernel", "sizes", "min_elements"}]: other shapes run its own schedule)."""
     entries = []
     for kernel in kernels:
-        if kernel["rule"] == RESHAPE_VIEW:  # not a kernel: the VM runs it as a view
+        if kernel["rule"] in (RESHAPE_VIEW, KERNEL_SCHEDULE):  # a view; a kernel that brings its own schedule
             continue
         choice = choices.get(kernel["name"])
         entry = {"kernel": kernel["name"], "provenance": choice.provenance if choice else "rule",
@@ -242,7 +242,8 @@ def run(mod: tvm.IRModule, target: TargetSpec, options: PipelineOptions | None =
                     tuned = result.kernels = tuned + p.kernels
                     choices.update(p.choices)
                 if isinstance(p, ApplyScheduleRules):
-                    result.kernels = tuned + p.kernels
+                    listed = {k["name"] for k in tuned}
+                    result.kernels = tuned + [k for k in p.kernels if k["name"] not in listed]
                     result.tuning = _tuning_provenance(result.kernels, choices, buckets, skipped)
                 if isinstance(p, FuseAttention):
                     result.attention = p.sites

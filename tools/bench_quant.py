@@ -550,7 +550,7 @@ def main(argv=None) -> int:
         workdir = Path(tmp)
         timed("gemv", bench_gemv, n, result["bandwidth"]["gbs"], args.threads, repeat, workdir)
         use_observed_bandwidth(result["bandwidth"], result["gemv"])
-        decode_quants = ("none", "int4") if quick else ("none", "int8", "int4")
+        decode_quants = ("none", "int4") if quick else ("none", "int8", "w8a8", "int4")
         timed("decode", bench_decode, args.threads, repeat, workdir, decode_quants)
         timed("minilm", bench_minilm, args.threads, repeat, workdir, SENTENCES[:8] if quick else SENTENCES,
               *((1, 16) if quick else (8, 128)))

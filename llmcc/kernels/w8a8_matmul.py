@@ -52,3 +52,93 @@ def int8_matmul_te(q_x, s_x, q_w, s_w):
                                                   * q_w[k, i[-1]].astype("int32"), axis=k), name="int8_matmul")
     return te.compute(out_shape, lambda *i: acc[i].astype("float32") * s_x[tuple(i[:-1]) + (0,)] * s_w[i[-1]],
                       name="rescale")
+
+
+# ----------------------------------------------------------------------------------------- GEMV for AVX2 CPUs
+#
+# Decode's w8a8 matmuls are GEMVs: bound by reading the int8 weight, if the integer products keep up. Widening
+# int8 -> int32 and multiplying (vpmulld) does not: the TE kernel above read 18 GB/s of weights here. AVX2's
+# vpmaddwd multiplies 16 int16 pairs and adds each pair into an int32, exactly (|q| <= 127: no saturation, unlike
+# vpmaddubsw's 16-bit sums), so the weight is stored with each pair of consecutive k rows interleaved,
+#     q_pairs[k / 2, n, 2] = (q_w[k, n], q_w[k + 1, n])        (still one byte per weight)
+# and one 16-byte load, widened by vpmovsxbw, is 8 outputs x 2 k steps against the broadcast pair of activations.
+# Each parallel task owns ``chunk`` outputs and keeps their sums in registers; its weight columns are one contiguous
+# panel, q_pairs[N / chunk, K / 2, chunk, 2], so it streams its bytes front to back (rows of the plain layout are
+# N * 2 bytes apart: every 128-byte step would land on a new 4 KB page, where no prefetcher follows).
+
+GEMV_LANES = 8  # int32 outputs per vpmaddwd
+
+
+def pack_pairs(q_w: np.ndarray, chunk: int) -> np.ndarray:
+    """q_w[K, N] int8 -> q_pairs[N / chunk, K / 2, chunk, 2] (K even, N a multiple of chunk)."""
+    k, n = q_w.shape
+    return np.ascontiguousarray(q_w.reshape(k // 2, 2, n // chunk, chunk).transpose(2, 0, 3, 1))
+
+
+def unpack_pairs(q_pairs: np.ndarray) -> np.ndarray:
+    panels, k2, chunk, _ = q_pairs.shape
+    return q_pairs.transpose(1, 3, 0, 2).reshape(2 * k2, panels * chunk)
+
+
+def gemv_pairs_reference(q_x: np.ndarray, s_x: np.ndarray, q_pairs: np.ndarray, s_w: np.ndarray) -> np.ndarray:
+    """The kernel's result from its own inputs (q_x [rows, K] int8, s_x [rows, 1])."""
+    q_w = unpack_pairs(q_pairs)
+    acc = q_x.astype(np.int64) @ q_w.astype(np.int64)
+    return (acc.astype(np.float32) * s_x * s_w).astype(np.float32)
+
+
+def gemv_pairs_check(k: int, n: int, chunk: int) -> str | None:
+    """Why a [k, n] weight cannot take the pair-packed GEMV with ``chunk`` outputs per task, or None."""
+    if k % 2:
+        return f"K={k} is odd"
+    if chunk % GEMV_LANES or n % chunk:
+        return f"N={n} is not a multiple of the {chunk}-output chunk"
+    return None
+
+
+def gemv_pairs_chunk(n: int, cores: int) -> int | None:
+    """Outputs per parallel task: eight vpmaddwd accumulators (64 outputs) keep the 16 AVX2 registers busy without
+    spilling; fewer when N has too few chunks to give every core one."""
+    for chunk in (64, 32, 16, 8):
+        if n % chunk == 0 and (n // chunk >= cores or chunk == 8):
+            return chunk
+    return None
+
+
+def gemv_pairs_avx2(k: int, n: int, chunk: int):
+    """The hand-scheduled TIR kernel ``(q_x[rows, K] int8, s_x[rows, 1], q_pairs[N/chunk, K/2, chunk, 2] int8,
+    s_w[N]) -> y[rows, N] float32``, rows symbolic, parallel over chunks of N; for targets with AVX2."""
+    problem = gemv_pairs_check(k, n, chunk)
+    if problem:
+        raise ValueError(f"w8a8 GEMV: {problem}")
+    from tvm.script import tirx as T
+
+    k2, vectors, panels = k // 2, chunk // GEMV_LANES, n // chunk
+
+    @T.prim_func(private=True)
+    def w8a8_gemv_avx2(a: T.handle, sa: T.handle, q_pairs: T.Buffer((panels, k2, chunk, 2), "int8"),
+                       s_w: T.Buffer((n,), "float32"), y_handle: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        rows = T.int64()
+        q_x = T.match_buffer(a, (rows, k), "int8")
+        s_x = T.match_buffer(sa, (rows, 1), "float32")
+        y = T.match_buffer(y_handle, (rows, n), "float32")
+        w = T.decl_buffer((panels * k2 * chunk * 2,), "int8", data=q_pairs.data)
+        for c in T.parallel(panels):
+            acc = T.decl_buffer((chunk,), "int32")
+            for m in range(rows):
+                for v in range(vectors):
+                    acc[T.ramp(v * GEMV_LANES, 1, GEMV_LANES)] = T.broadcast(T.int32(0), GEMV_LANES)
+                for kk in range(k2):
+                    pair = T.bitwise_or(T.bitwise_and(T.Cast("int32", q_x[m, 2 * kk]), 0xFFFF),
+                                        T.shift_left(T.Cast("int32", q_x[m, 2 * kk + 1]), 16))
+                    x_pairs = T.reinterpret(T.broadcast(pair, GEMV_LANES), dtype="int16x16")
+                    for v in T.unroll(vectors):
+                        w_pairs = T.Cast("int16x16", w[T.ramp(((c * k2 + kk) * chunk + v * GEMV_LANES) * 2, 1, 16)])
+                        acc[T.ramp(v * GEMV_LANES, 1, GEMV_LANES)] = acc[T.ramp(v * GEMV_LANES, 1, GEMV_LANES)] + \
+                            T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+                                                    w_pairs, x_pairs, dtype="int32x8")
+                for j in range(chunk):
+                    y[m, c * chunk + j] = T.Cast("float32", acc[j]) * s_x[m, 0] * s_w[c * chunk + j]
+
+    return w8a8_gemv_avx2

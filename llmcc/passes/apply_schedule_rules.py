@@ -31,6 +31,7 @@ from llmcc.schedules.cuda import NO_TENSORIZE
 
 
 RESHAPE_VIEW = "reshape view (no kernel)"
+KERNEL_SCHEDULE = "its own (llmcc.kernels)"  # hand-scheduled kernels: flash attention, the w8a8 GEMV
 
 
 def _is_scheduled(func) -> bool:
@@ -69,7 +70,10 @@ class ApplyScheduleRules(LlmccPass):
         self.kernels = []
         updated = {}
         for gvar, func in mod.functions_items():
-            if not isinstance(func, tirx.PrimFunc) or _is_scheduled(func):
+            if not isinstance(func, tirx.PrimFunc):
+                continue
+            if _is_scheduled(func):  # a kernel of llmcc.kernels (or tuned: the pipeline lists those as such)
+                self.kernels.append({"name": gvar.name_hint, "rule": KERNEL_SCHEDULE})
                 continue
             if self.leave_reshapes and relax.analysis.has_reshape_pattern(func):
                 self.kernels.append({"name": gvar.name_hint, "rule": RESHAPE_VIEW})

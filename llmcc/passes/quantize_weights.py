@@ -18,6 +18,15 @@ After (int4, group 32)::
 
 The kernel (``llmcc.kernels.dequant_matmul``) dequantizes in registers; the schedule rules tile it like a matmul.
 An embedding ``R.take(table, ids, axis=0)`` becomes ``dequant_take``: only the gathered rows are dequantized.
+
+w8a8 quantizes the activations first (``quantize_rows``) and sums int8 products in int32 (``int8_matmul``). On an
+AVX2 CPU a w8a8 GEMV (one row per batch element: decode) instead reads its weight pair-packed in panels,
+[N/chunk, K/2, chunk, 2] int8, in
+the hand-scheduled vpmaddwd kernel ``w8a8_gemv_avx2``; its rows are the activation's leading dims flattened::
+
+    lv = R.call_te(quantize_rows, x)                                   # (q_x [batch, 1, K] int8, s_x [batch, 1, 1])
+    q = R.reshape(lv[0], (batch, K)); s = R.reshape(lv[1], (batch, 1))
+    y = R.reshape(R.call_tir(w8a8_gemv_avx2, (q, s, q_pairs, s_w), R.Tensor((batch, N))), (batch, 1, N))
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ import tvm
 from tvm import relax
 
 from llmcc.kernels.dequant_matmul import dequant_matmul_te, dequant_take_te, quantize, stored_bytes
+from llmcc.kernels import w8a8_matmul
 from llmcc.kernels.w8a8_matmul import int8_matmul_te, quantize_rows_te
 from llmcc.passes import LlmccPass
 from llmcc.quant.gate import fingerprint
@@ -64,16 +74,18 @@ def _planned_weight(call, formats: dict):
 class QuantizeWeights(LlmccPass):
     name = "quantize_weights"
 
-    def __init__(self, formats: dict) -> None:
-        """``formats``: fingerprint -> (layer name, WeightFormat), as ``QuantPlan.formats()`` gives it."""
+    def __init__(self, formats: dict, target=None) -> None:
+        """``formats``: fingerprint -> (layer name, WeightFormat), as ``QuantPlan.formats()`` gives it; ``target``
+        (a TargetSpec) decides which w8a8 GEMV kernel a CPU gets."""
         super().__init__()
         self.formats = formats
+        self.target = target
         self.quantized: dict[str, int] = {}  # fingerprint -> bytes stored
 
     def transform(self, mod):
         if not self.formats:
             return mod, 0
-        rewriter = _Rewriter(mod, self.formats)
+        rewriter = _Rewriter(mod, self.formats, _gemv_chunk_cores(self.target))
         for gv, func in mod.functions_items():
             if isinstance(func, relax.Function):
                 rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
@@ -84,12 +96,14 @@ class QuantizeWeights(LlmccPass):
 
 @relax.expr_functor.mutator
 class _Rewriter(relax.PyExprMutator):
-    def __init__(self, mod, formats):
+    def __init__(self, mod, formats, gemv_cores: int | None):
         super().__init__(mod)
         self.formats = formats
+        self.gemv_cores = gemv_cores  # the CPU's cores when it has AVX2 (the w8a8 GEMV kernel), else None
         self.count = 0
         self.quantized: dict[str, int] = {}
-        self._stored: dict[str, list] = {}  # one set of packed constants per weight, however often it is used
+        self._stored: dict[tuple, list] = {}  # (fingerprint, layout): the packed constants, however often used
+        self._gemv_kernels: dict[tuple, relax.GlobalVar] = {}
 
     def visit_call_(self, call):
         call = self.visit_expr_post_order(call)
@@ -97,18 +111,70 @@ class _Rewriter(relax.PyExprMutator):
         if found is None:
             return call
         kind, key, fmt, weight = found
-        if key not in self._stored:  # a tied embedding and output head share one set of stored arrays
-            arrays = quantize(weight, fmt)
-            self._stored[key] = [relax.const(np.ascontiguousarray(a)) for a in arrays]
-            self.quantized[key] = stored_bytes(arrays)
         self.count += 1
         if kind == "take":
-            return self.builder_.call_te(dequant_take_te(fmt), call.args[1], *self._stored[key],
+            return self.builder_.call_te(dequant_take_te(fmt), call.args[1], *self._store(key, weight, fmt),
                                          primfunc_name_hint=f"dequant_take_{fmt.tag}")
         if fmt.kind == "w8a8":
             rows = self.builder_.emit(self.builder_.call_te(quantize_rows_te, call.args[0],
                                                             primfunc_name_hint="quantize_rows"))
+            gemv = self._w8a8_gemv(call.args[0].ty, weight.shape)
+            if gemv is not None:
+                kernel, chunk = gemv
+                return self._call_gemv(kernel, rows, call.args[0].ty, weight.shape[1],
+                                       self._store(key, weight, fmt, pair_chunk=chunk))
             return self.builder_.call_te(int8_matmul_te, relax.TupleGetItem(rows, 0), relax.TupleGetItem(rows, 1),
-                                         *self._stored[key], primfunc_name_hint="int8_matmul")
-        return self.builder_.call_te(dequant_matmul_te(fmt), call.args[0], *self._stored[key],
+                                         *self._store(key, weight, fmt), primfunc_name_hint="int8_matmul")
+        return self.builder_.call_te(dequant_matmul_te(fmt), call.args[0], *self._store(key, weight, fmt),
                                      primfunc_name_hint=f"dequant_matmul_{fmt.tag}")
+
+    def _store(self, key, weight, fmt, pair_chunk: int = 0) -> list:
+        """The weight's packed constants (a tied embedding and output head share one set; the pair-packed panels of
+        the w8a8 GEMV are a set of their own, counted in the weight's stored bytes too)."""
+        if (key, pair_chunk) not in self._stored:
+            arrays = quantize(weight, fmt)
+            if pair_chunk:
+                arrays = [w8a8_matmul.pack_pairs(arrays[0], pair_chunk)] + list(arrays[1:])
+            self._stored[key, pair_chunk] = [relax.const(np.ascontiguousarray(a)) for a in arrays]
+            self.quantized[key] = self.quantized.get(key, 0) + stored_bytes(arrays)
+        return self._stored[key, pair_chunk]
+
+    def _w8a8_gemv(self, x_ty, weight_shape):
+        """(the pair-packed GEMV kernel's GlobalVar, its chunk) for x [..., K] @ W [K, N], when the target has AVX2
+        and every leading dim of x is 1 or a batch size; else None."""
+        if self.gemv_cores is None or not all(_one_row_per_batch(d) for d in x_ty.shape.values[:-1]):
+            return None
+        k, n = weight_shape
+        chunk = w8a8_matmul.gemv_pairs_chunk(n, self.gemv_cores)
+        if chunk is None or w8a8_matmul.gemv_pairs_check(k, n, chunk):
+            return None
+        if (k, n, chunk) not in self._gemv_kernels:
+            func = w8a8_matmul.gemv_pairs_avx2(k, n, chunk)
+            self._gemv_kernels[k, n, chunk] = self.builder_.add_func(func, "w8a8_gemv_avx2")
+        return self._gemv_kernels[k, n, chunk], chunk
+
+    def _call_gemv(self, gemv, rows, x_ty, n, stored):
+        lead, k = x_ty.shape.values[:-1], x_ty.shape.values[-1]
+        count = 1
+        for d in lead:
+            count = count * d
+        b = self.builder_
+        q = b.emit(relax.op.reshape(relax.TupleGetItem(rows, 0), relax.ShapeExpr([count, k])))
+        s = b.emit(relax.op.reshape(relax.TupleGetItem(rows, 1), relax.ShapeExpr([count, 1])))
+        y = b.emit(relax.call_tir(gemv, relax.Tuple([q, s, *stored]), relax.TensorType([count, n], "float32")))
+        return relax.op.reshape(y, relax.ShapeExpr(list(lead) + [n]))
+
+
+def _one_row_per_batch(dim) -> bool:
+    if isinstance(dim, tvm.tirx.IntImm):
+        return int(dim) == 1
+    names = [v.name.lower() for v in tvm.tirx.analysis.undefined_vars(dim)]
+    return bool(names) and all("batch" in name for name in names)
+
+
+def _gemv_chunk_cores(target) -> int | None:
+    """The CPU's core count when the w8a8 GEMV kernel runs on it (AVX2), else None."""
+    if target is None or target.is_gpu:
+        return None
+    model = target.model()
+    return model.cores if model.int16_madd else None

@@ -51,6 +51,8 @@ class CpuModel:
     # Fixed in bytes, not per vector width, so packed kernels (and tuning records, llmcc.tuning) are the same on
     # every x86 CPU
     matmul_panel_bytes: int = 64
+    # 256-bit integer SIMD (AVX2): vpmaddwd, which the w8a8 GEMV kernel is built on (llmcc.kernels.w8a8_matmul)
+    int16_madd: bool = False
 
     def lanes(self, dtype_bits: int = 32) -> int:
         return max(self.vector_bits // dtype_bits, 1)
@@ -113,4 +115,6 @@ class CpuModel:
             cores = len(os.sched_getaffinity(0)) or cores
         except (AttributeError, OSError):
             pass
-        return CpuModel(vector_bits=bits, cores=max(cores, 1), vector_registers=32 if bits >= 512 else 16)
+        avx2 = bits >= 512 or mcpu in _AVX2_CPUS + _AVX512_CPUS or "+avx2" in flags
+        return CpuModel(vector_bits=bits, cores=max(cores, 1), vector_registers=32 if bits >= 512 else 16,
+                        int16_madd=avx2)

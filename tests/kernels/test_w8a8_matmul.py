@@ -43,3 +43,43 @@ def test_w8a8_matches_reference(seq, seed):
     want = w8a8_matmul_reference(x, *arrays)
     rel = np.linalg.norm(y.numpy() - want) / np.linalg.norm(want)
     assert rel <= 1e-6 and np.all(y.numpy()[0, 0] == 0), f"seed {seed}: {rel:.2e}"
+
+
+# ---------------------------------------------------------------------------------------------- the AVX2 GEMV
+
+def _gemv_lib(k, n, chunk):
+    from llmcc.kernels.w8a8_matmul import gemv_pairs_avx2
+
+    func = gemv_pairs_avx2(k, n, chunk).with_attr("global_symbol", "main")
+    return tvm.tirx.build(func, target=resolve("cpu").tvm_target())
+
+
+@pytest.mark.skipif(not resolve("cpu").model().int16_madd, reason="needs AVX2")
+@pytest.mark.parametrize("rows", [1, 3])
+def test_gemv_pairs_is_exact(rows, seed):
+    """The vpmaddwd kernel on pair-packed weights gives the w8a8 reference bit for bit (int32 sums, then the same
+    float32 rescale), at random sizes and every chunk width."""
+    from llmcc.kernels.w8a8_matmul import gemv_pairs_chunk, gemv_pairs_reference, pack_pairs
+
+    rng = np.random.default_rng(seed)
+    k, n = 2 * int(rng.integers(1, 200)), 8 * int(rng.integers(1, 40))
+    chunk = gemv_pairs_chunk(n, cores=int(rng.integers(1, 5)))
+    x = (rng.standard_normal((rows, k)) * rng.uniform(0.1, 10)).astype(np.float32)
+    q_w, s_w = quantize(rng.standard_normal((k, n)).astype(np.float32), WeightFormat("w8a8"))
+    q_x, s_x = quantize_rows_reference(x)
+    pairs = pack_pairs(q_w, chunk)
+    assert np.array_equal(gemv_pairs_reference(q_x, s_x, pairs, s_w), w8a8_matmul_reference(x, q_w, s_w))
+    y = tvm.runtime.tensor(np.zeros((rows, n), np.float32))
+    _gemv_lib(k, n, chunk)["main"](*[tvm.runtime.tensor(a) for a in (q_x, s_x, pairs, s_w)], y)
+    np.testing.assert_array_equal(y.numpy(), w8a8_matmul_reference(x, q_w, s_w),
+                                  err_msg=f"seed {seed}: k {k} n {n} chunk {chunk}")
+
+
+def test_gemv_pairs_refuses_what_it_cannot_tile():
+    from llmcc.kernels.w8a8_matmul import gemv_pairs_avx2, gemv_pairs_check, gemv_pairs_chunk
+
+    assert gemv_pairs_check(63, 64, 64) == "K=63 is odd"
+    assert "not a multiple" in gemv_pairs_check(64, 72, 64)
+    assert gemv_pairs_chunk(4096, 2) == 64 and gemv_pairs_chunk(64, 4) == 16 and gemv_pairs_chunk(20, 1) is None
+    with pytest.raises(ValueError, match="w8a8 GEMV: K=63 is odd"):
+        gemv_pairs_avx2(63, 64, 64)

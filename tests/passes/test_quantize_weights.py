@@ -71,3 +71,47 @@ def test_must_not_fire_without_a_plan_or_on_other_weights():
     p = QuantizeWeights({fingerprint(unrelated): ("elsewhere", WeightFormat("int8"))})
     after = p(mod)
     assert p.rewrites == 0 and _calls(after, "dequant_matmul") == 0
+
+
+def _w8a8_module(w, rows_dims):
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(rows_dims + [w.shape[0]], "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(relax.op.matmul(x, relax.const(w)))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def test_w8a8_gemv_takes_the_pair_packed_kernel_only_where_it_applies():
+    """One row per batch element on an AVX2 CPU: the vpmaddwd GEMV with its [K/2, N, 2] weight. A sequence of rows,
+    a CPU without AVX2, and CUDA keep the int8 matmul."""
+    from llmcc.kernels.w8a8_matmul import gemv_pairs_chunk
+    from llmcc.targets import TargetSpec, host_cpu, resolve
+
+    rng = np.random.default_rng()
+    w = rng.standard_normal((64, 32)).astype("float32")
+    plan = {fingerprint(w): ("proj", WeightFormat("w8a8"))}
+    batch, seq = tvm.tirx.Var("batch", "int64"), tvm.tirx.Var("sequence", "int64")
+    sse = TargetSpec("cpu", "llvm", mcpu="x86-64")
+    cases = [([batch, 1], host_cpu(), True), ([1, 1], host_cpu(), True), ([batch, seq], host_cpu(), False),
+             ([batch, 1], sse, False), ([batch, 1], resolve("cuda:sm_80"), False)]
+    for dims, target, gemv in cases:
+        if gemv and not target.model().int16_madd:
+            continue
+        p = QuantizeWeights(plan, target)
+        after = p(_w8a8_module(w, dims))
+        assert (_calls(after, "w8a8_gemv_avx2"), _calls(after, "int8_matmul")) == ((1, 0) if gemv else (0, 1)), \
+            f"{dims} on {target.name} ({target.mcpu})"
+        pairs = [c for c in _consts(after) if str(c.ty.dtype) == "int8"]
+        chunk = gemv_pairs_chunk(32, target.model().cores) if gemv else None
+        assert [tuple(int(d) for d in c.ty.shape.values) for c in pairs] == \
+            [(32 // chunk, 32, chunk, 2) if gemv else (64, 32)]
+        assert p.quantized[fingerprint(w)] == 64 * 32 + 32 * 4  # one byte per weight and a scale per column
+
+
+def _consts(mod):
+    found = []
+    relax.analysis.post_order_visit(mod["main"].body, lambda e: found.append(e) if isinstance(
+        e, tvm.ir.GenericConst) else None)
+    return found
