@@ -81,12 +81,22 @@ def _print_summary(report: dict, path) -> None:
         print(f"LoRA: {line}")
     for line in attention_lines(report):
         print(f"attention: {line}")
+    if report.get("kernels"):
+        print(f"schedules: {schedule_line(report)}")
     if any(e["provenance"] != "rule" or e.get("dropped") for e in report.get("tuning", [])):
         for line in tuning_lines(report):
             print(f"tuning: {line}")
     if "cuda_binary" in report:
         cb = report["cuda_binary"]
         print(f"CUDA binary: SASS {cb.get('sass_archs')}, PTX {cb.get('ptx_archs')}")
+
+
+def schedule_line(report: dict) -> str:
+    """Kernels per schedule rule, most first (the tiles a sized CUDA rule chose are in --json)."""
+    counts: dict = {}
+    for kernel in report.get("kernels", []):
+        counts[kernel["rule"]] = counts.get(kernel["rule"], 0) + 1
+    return ", ".join(f"{rule} {n}" for rule, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 def attention_lines(report: dict) -> list[str]:
@@ -197,6 +207,8 @@ def cmd_inspect(args) -> int:
         print(f"lora      {line}")
     for line in attention_lines(report):
         print(f"attention {line}")
+    if report.get("kernels"):
+        print(f"schedules {schedule_line(report)}")
     for line in tuning_lines(report):
         print(f"tuning    {line}")
     if "cuda_binary" in report:

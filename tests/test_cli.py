@@ -93,6 +93,10 @@ def test_compile_says_what_attention_fusion_did(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "attention: causal: 2 of 2 sites fused (flash_attention_cpu)" in r.stdout, r.stdout
     assert "attention causal: 2 of 2 sites fused" in run_cli("inspect", tmp_path / "f.llmcc").stdout
+    # and which rule scheduled how many kernels; the hand-scheduled flash kernels count as their own
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("schedules: "))
+    counts = dict(part.rsplit(" ", 1) for part in line.removeprefix("schedules: ").split(", "))
+    assert int(counts["its own (llmcc.kernels)"]) >= 1 and int(counts["CpuMatmul"]) >= 4, line
     r = run_cli("compile", path, "-o", tmp_path / "u.llmcc", "--no-fuse-attention")
     assert r.returncode == 0, r.stderr
     assert "attention:" not in r.stdout and "verify: PASSED" in r.stdout
