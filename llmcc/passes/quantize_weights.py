@@ -40,6 +40,7 @@ from llmcc.kernels import w8a8_matmul
 from llmcc.kernels.w8a8_matmul import int8_matmul_te, quantize_rows_te
 from llmcc.passes import LlmccPass
 from llmcc.quant.gate import fingerprint
+from llmcc.schedules import is_batch_size
 
 def _float_matrix(expr) -> np.ndarray | None:
     if not isinstance(expr, tvm.ir.GenericConst) or len(expr.ty.shape.values) != 2 or str(expr.ty.dtype) != "float32":
@@ -166,10 +167,7 @@ class _Rewriter(relax.PyExprMutator):
 
 
 def _one_row_per_batch(dim) -> bool:
-    if isinstance(dim, tvm.tirx.IntImm):
-        return int(dim) == 1
-    names = [v.name.lower() for v in tvm.tirx.analysis.undefined_vars(dim)]
-    return bool(names) and all("batch" in name for name in names)
+    return int(dim) == 1 if isinstance(dim, tvm.tirx.IntImm) else is_batch_size(dim)
 
 
 def _gemv_chunk_cores(target) -> int | None:

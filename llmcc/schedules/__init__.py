@@ -15,6 +15,15 @@ from __future__ import annotations
 from llmcc.targets import TargetSpec
 
 
+def is_batch_size(expr) -> bool:
+    """Whether a symbolic extent is a batch size (every var in it named "batch..."): the rules size such a dim for
+    one row, and a w8a8 GEMV (passes/quantize_weights.py) runs one row per batch element."""
+    from tvm import tirx
+
+    names = [v.name.lower() for v in tirx.analysis.undefined_vars(expr)]
+    return bool(names) and all("batch" in name for name in names)
+
+
 def rules_for(target: TargetSpec) -> list:
     from tvm.s_tir import dlight as dl
 

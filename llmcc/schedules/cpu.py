@@ -38,6 +38,7 @@ import tvm
 from tvm.sym.analyzer import Analyzer
 from tvm import s_tir, tirx
 
+from llmcc.schedules import is_batch_size
 from llmcc.schedules.cpu_model import CpuModel
 
 
@@ -76,7 +77,7 @@ def _nominal(e) -> int | None:
     not."""
     analyzer = Analyzer()
     for var in tirx.analysis.undefined_vars(e):
-        analyzer.bind(var, tirx.IntImm(str(var.ty), 1 if "batch" in var.name.lower() else 128))
+        analyzer.bind(var, tirx.IntImm(str(var.ty), 1 if is_batch_size(var) else 128))
     return _static(analyzer.simplify(e))
 
 

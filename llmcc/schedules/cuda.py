@@ -33,6 +33,7 @@ import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
 
+from llmcc.schedules import is_batch_size
 from llmcc.schedules.cuda_tiles import LOAD_BYTES, NOMINAL_ROWS, TC_COPY_VECTOR, gemv_tiles, simt_matmul_tiles, tensor_core_tiles
 from llmcc.targets import cuda_arch
 
@@ -80,8 +81,7 @@ def _nominal(extent, symbolic: int) -> int:
     value = _static(extent)
     if value is not None:
         return value
-    names = [v.name.lower() for v in tirx.analysis.undefined_vars(extent)]
-    return 1 if names and all("batch" in name for name in names) else symbolic
+    return 1 if is_batch_size(extent) else symbolic
 
 
 class CudaTensorCoreMatmul:
