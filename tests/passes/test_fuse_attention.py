@@ -188,19 +188,12 @@ def test_fp16_llama_fuses_and_matches_onnxruntime(tmp_path):
     """The zoo Llama exported from torch in float16: attention fuses (fp16 in, fp32 inside the kernel) and the model
     stays as close to onnxruntime's fp16 run as onnxruntime is to torch's (relative error <= 2e-3 each way)."""
     import onnxruntime as ort
-    import torch
 
     import llmcc
+    from helpers import export_fp16_llama
     from llmcc.verify import relative_error
 
-    module = zoo.torch_module("llama").half()
-    example = torch.from_numpy(zoo.sample_inputs("llama", 17, batch=2, seed=0)["input_ids"])
-    dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence")}
-    with torch.no_grad():
-        program = torch.onnx.export(module, (example,), dynamo=True, dynamic_shapes=(dims,),
-                                    input_names=["input_ids"], output_names=["logits"], verbose=False)
-    path = tmp_path / "llama16.onnx"
-    program.save(path, external_data=False)
+    path = export_fp16_llama(tmp_path / "llama16.onnx")
     compiled = llmcc.compile(path, verify=False)
     assert [s["fused"] for s in compiled.report["attention"]] == [True, True]
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

@@ -257,20 +257,10 @@ def test_tensor_core_matmul_builds_as_its_tiles_say(arch):
 def test_fp16_llama_compiles_for_cuda_on_tensor_cores(tmp_path):
     """The zoo Llama exported in float16, through llmcc's pipeline for sm_80: every matmul on the tensor-core rule,
     with the tiles it chose in the report, and the whole module built."""
-    import torch
-
     import llmcc
-    from llmcc import zoo
+    from helpers import export_fp16_llama
 
-    module = zoo.torch_module("llama").half()
-    example = torch.from_numpy(zoo.sample_inputs("llama", 17, batch=2, seed=0)["input_ids"])
-    dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence")}
-    with torch.no_grad():
-        program = torch.onnx.export(module, (example,), dynamo=True, dynamic_shapes=(dims,),
-                                    input_names=["input_ids"], output_names=["logits"], verbose=False)
-    path = tmp_path / "llama16.onnx"
-    program.save(path, external_data=False)
-    compiled = llmcc.compile(path, target="cuda:sm_80")
+    compiled = llmcc.compile(export_fp16_llama(tmp_path / "llama16.onnx"), target="cuda:sm_80")
     matmuls = [k for k in compiled.report["kernels"] if "matmul" in k["name"]]
     assert matmuls and all(k["rule"] == "CudaTensorCoreMatmul" for k in matmuls)
     assert all(k["tiles"]["warps_m"] * k["tiles"]["warps_n"] >= 4 for k in matmuls)
