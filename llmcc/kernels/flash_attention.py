@@ -61,6 +61,11 @@ class AttentionSpec:
     # (block_q, block_k, layout_heads): the kernel walks only the key blocks a CSR layout lists per query block
     # (layout_rows, layout_cols: int32 inputs; kernels.block_layout); layout_heads is 1 or num_heads
     block_layout: tuple[int, int, int] | None = None
+    # Longformer's local attention: key j is visible from position p iff |j - p| <= band (both sides, not causal)
+    band: int | None = None
+    # with a band: the Skv - Sq keys in front of the first query's position are global keys, visible to every row
+    # (Longformer's gathered global tokens; the band covers the keys from there on)
+    global_keys: bool = False
 
     @property
     def groups(self) -> int:
@@ -69,7 +74,8 @@ class AttentionSpec:
     @property
     def kind(self) -> str:
         parts = (["block_sparse"] if self.block_layout else []) + \
-                (["sliding_window"] if self.window else ["causal"] if self.causal else []) + \
+                (["sliding_window"] if self.window or self.band is not None else ["causal"] if self.causal else []) + \
+                (["global"] if self.global_keys else []) + \
                 (["mask"] if self.bias is not None else []) + (["gqa"] if self.groups > 1 else [])
         return "+".join(parts) or "dense"
 
@@ -83,13 +89,17 @@ class AttentionSpec:
             return f"k layout {self.k_layout} is not one of {K_LAYOUTS}"
         if self.window is not None and self.window < 1:
             return f"window {self.window} < 1"
+        if self.band is not None and (self.band < 0 or self.causal or self.window):
+            return f"band {self.band}: a two-sided band is >= 0 and takes no causal flag or causal window"
+        if self.global_keys and self.band is None:
+            return "global keys are the keys in front of a band: they need a band"
         if self.dtype not in ("float32", "float16", "bfloat16"):
             return f"dtype {self.dtype} is not a float type the kernel computes in"
         if self.block_layout is not None:
             bq, bk, heads = self.block_layout
             if min(bq, bk) < 1 or heads not in (1, self.num_heads):
                 return f"block layout {self.block_layout}: blocks >= 1 and layout heads 1 or {self.num_heads}"
-            if self.causal or self.window or self.q_len is None:
+            if self.causal or self.window or self.band is not None or self.q_len is None:
                 return "a block layout carries the whole mask of a static query length (no causal flag or window)"
         return None
 
@@ -117,6 +127,9 @@ def visible(spec: AttentionSpec, sq: int, skv: int) -> np.ndarray:
         ok &= j <= pos
     if spec.window and sq <= skv:
         ok &= j > pos - spec.window
+    if spec.band is not None and sq <= skv:
+        in_band = np.abs(j - pos) <= spec.band
+        ok &= (j < skv - sq) | (in_band & (j >= skv - sq)) if spec.global_keys else in_band
     return ok
 
 
@@ -167,6 +180,71 @@ def axes_index(layout: str, b, n, s, d):
     """(b, n, s, d) in ``layout``'s memory order."""
     where = {"b": b, "n": n, "s": s, "d": d}
     return tuple(where[c] for c in layout)
+
+
+class KeyWalk:
+    """The keys a tile of query rows walks and sees, as PrimExprs (the CPU and CUDA kernels share it): causality
+    and the causal window bound one range of key tiles; a band bounds it on both sides; global keys in front of a
+    band are walked first, as tiles of their own (``prefix_tiles``), then the band's range. Positions are bottom-right
+    aligned (``off = Skv - Sq``); with Sq > Skv nothing is hidden (see ``visible``)."""
+
+    def __init__(self, spec: AttentionSpec):
+        self.causal = bool(spec.causal or spec.window)
+        self.window = int(spec.window or 0)
+        self.band = spec.band
+        self.global_keys = bool(spec.global_keys)
+
+    def prefix_tiles(self, off, tk):
+        from tvm import tirx
+
+        zero = tirx.IntImm("int64", 0)
+        return tirx.Select(off > 0, (off + tk - 1) // tk, zero) if self.global_keys else zero
+
+    def kv_range(self, i0, tq, off, skv):
+        """The range of keys rows i0 .. i0+tq-1 may see, global keys aside: [lo, hi)."""
+        from tvm import tirx
+
+        zero = tirx.IntImm("int64", 0)
+        if self.band is not None:
+            first = tirx.max(off, zero) if self.global_keys else zero
+            lo = tirx.Select(off >= 0, tirx.max(first, i0 + off - self.band), zero)
+            hi = tirx.Select(off >= 0, tirx.min(skv, i0 + tq + off + self.band), skv)
+            return lo, hi
+        hi = tirx.Select(off >= 0, tirx.min(skv, i0 + tq + off), skv) if self.causal else skv
+        lo = tirx.Select(off >= 0, tirx.max(zero, i0 + off - self.window + 1), zero) if self.window else zero
+        return lo, hi
+
+    def num_tiles(self, i0, tq, off, skv, tk):
+        from tvm import tirx
+
+        lo, hi = self.kv_range(i0, tq, off, skv)
+        return self.prefix_tiles(off, tk) + (tirx.max(hi - lo, tirx.IntImm("int64", 0)) + tk - 1) // tk
+
+    def tile_start(self, kt, i0, tq, off, skv, tk):
+        from tvm import tirx
+
+        lo, _ = self.kv_range(i0, tq, off, skv)
+        if not self.global_keys:
+            return lo + kt * tk
+        n = self.prefix_tiles(off, tk)
+        return tirx.Select(kt < n, kt * tk, lo + (kt - n) * tk)
+
+    def visible(self, j, pos, skv, off, kt, tk):
+        """Key ``j`` for the row at position ``pos``, in key tile ``kt`` of the walk."""
+        from tvm import tirx
+
+        conds = [j < skv]
+        unaligned = tirx.Not(off >= 0)
+        if self.causal:
+            conds.append(tirx.any(j <= pos, unaligned))
+        if self.window:
+            conds.append(tirx.any(j > pos - self.window, unaligned))
+        if self.band is not None:
+            in_band = tirx.all(j >= pos - self.band, j <= pos + self.band)
+            if self.global_keys:  # a prefix tile sees global keys only (the band's tiles start at off or later)
+                in_band = tirx.Select(kt < self.prefix_tiles(off, tk), j < off, in_band)
+            conds.append(tirx.any(in_band, unaligned))
+        return tirx.all(*conds)
 
 
 def attention_prim_func(spec: AttentionSpec, body, *, attrs: dict | None = None):
@@ -235,8 +313,7 @@ def flash_attention_cpu(spec: AttentionSpec, tiles: CpuTiles | None = None):
     H, HKV, D, DV, G = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.value_dim, spec.groups
     dtype, acc_t = spec.dtype, "float32"
     scale = float(spec.scale)
-    causal = bool(spec.causal or spec.window)
-    window = int(spec.window or 0)
+    walk = KeyWalk(spec)
     ql, kl, vl, ol = spec.q_layout, spec.k_layout, spec.v_layout, spec.out_layout
     if spec.block_layout and spec.block_layout[:2] != (TQ, TK):
         raise ValueError(f"block layout {spec.block_layout[:2]} is not the CPU kernel's ({TQ}, {TK}) tiles")
@@ -251,36 +328,20 @@ def flash_attention_cpu(spec: AttentionSpec, tiles: CpuTiles | None = None):
         bb, bh, bq = spec.bias
         return tirx.Cast(acc_t, Bias[0 if bb else b, 0 if bh else h, 0 if bq else i, j])
 
-    def key_visible(j, pos, kv_hi, off):
-        conds = [j < kv_hi]
-        aligned = off >= 0  # Sq > Skv: no alignment to trust; the bias alone masks (see ``visible``)
-        if causal:
-            conds.append(tirx.any(j <= pos, tirx.Not(aligned)))
-        if window:
-            conds.append(tirx.any(j > pos - window, tirx.Not(aligned)))
-        return tirx.all(*conds)
-
-    def kv_range(i0, off, SKV):
-        """Keys the tile's rows may see: [lo, hi)."""
-        zero = tirx.IntImm("int64", 0)
-        hi = tirx.Select(off >= 0, tirx.min(SKV, i0 + TQ + off), SKV) if causal else SKV
-        lo = tirx.Select(off >= 0, tirx.max(zero, i0 + off - window + 1), zero) if window else zero
-        return lo, hi
-
     def layout_row(h, i0, n_qt):
         return (h if layout_heads > 1 else 0) * n_qt + i0 // TQ
 
-    def key_tiles(Rows, h, i0, n_qt, kv_lo, kv_hi):
-        """How many key tiles the query tile walks: those its layout row lists, else all in [lo, hi)."""
+    def key_tiles(Rows, h, i0, n_qt, off, SKV):
+        """How many key tiles the query tile walks: those its layout row lists, else the walk's."""
         if layout_heads:
             r = layout_row(h, i0, n_qt)
             return tirx.Cast("int64", Rows[r + 1] - Rows[r])
-        return (tirx.max(kv_hi - kv_lo, tirx.IntImm("int64", 0)) + TK - 1) // TK
+        return walk.num_tiles(i0, TQ, off, SKV, TK)
 
-    def key_tile_start(Rows, Cols, h, i0, n_qt, kv_lo, kt):
+    def key_tile_start(Rows, Cols, h, i0, n_qt, off, SKV, kt):
         if layout_heads:
             return tirx.Cast("int64", Cols[Rows[layout_row(h, i0, n_qt)] + tirx.Cast("int32", kt)]) * TK
-        return kv_lo + kt * TK
+        return walk.tile_start(kt, i0, TQ, off, SKV, TK)
 
     @T.macro
     def body(Q, K, V, Bias, Rows, Cols, O, B, SQ, SKV):
@@ -290,7 +351,6 @@ def flash_attention_cpu(spec: AttentionSpec, tiles: CpuTiles | None = None):
             h = task // n_qt % H
             i0 = task % n_qt * TQ
             off = SKV - SQ
-            kv_lo, kv_hi = kv_range(i0, off, SKV)
             q_t = T.decl_buffer((TQ, D), acc_t)
             k_t = T.decl_buffer((D, TK), acc_t)
             s_t = T.decl_buffer((TQ, TK), acc_t)
@@ -308,8 +368,8 @@ def flash_attention_cpu(spec: AttentionSpec, tiles: CpuTiles | None = None):
                 l[i] = T.float32(0)
                 for e in T.vectorized(DV):
                     acc[i, e] = T.float32(0)
-            for kt in T.serial(key_tiles(Rows, h, i0, n_qt, kv_lo, kv_hi)):
-                j0 = key_tile_start(Rows, Cols, h, i0, n_qt, kv_lo, kt)
+            for kt in T.serial(key_tiles(Rows, h, i0, n_qt, off, SKV)):
+                j0 = key_tile_start(Rows, Cols, h, i0, n_qt, off, SKV, kt)
                 for d in T.serial(D):
                     for jj in T.vectorized(TK):
                         k_t[d, jj] = T.Cast(acc_t, k_load(K, b, h // G, T.min(j0 + jj, SKV - 1), d))
@@ -324,7 +384,7 @@ def flash_attention_cpu(spec: AttentionSpec, tiles: CpuTiles | None = None):
                 for i in T.serial(TQ):
                     for jj in T.vectorized(TK):
                         s_t[i, jj] = T.Select(
-                            key_visible(j0 + jj, i0 + i + off, kv_hi, off),
+                            walk.visible(j0 + jj, i0 + i + off, SKV, off, kt, TK),
                             s_t[i, jj] + bias_term(Bias, b, h, T.min(i0 + i, SQ - 1), T.min(j0 + jj, SKV - 1)),
                             T.float32(-math.inf))
                     # row max and sum in LANES-wide vectors first: a scalar chain over TK keys costs more than the

@@ -56,7 +56,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
-from llmcc.kernels.flash_attention import NEG_LARGE, AttentionSpec, attention_prim_func, axes_index
+from llmcc.kernels.flash_attention import NEG_LARGE, AttentionSpec, KeyWalk, attention_prim_func, axes_index
 
 __all__ = ["ARCHS", "SMEM_LIMIT", "CudaTiles", "cuda_tiles", "flash_attention_cuda", "shared_memory_bytes",
            "smem_budget"]
@@ -219,7 +219,7 @@ class _Ctx:
         self.dtype = spec.dtype
         self.scale = float(spec.scale)
         self.causal = bool(spec.causal or spec.window)
-        self.window = int(spec.window or 0)
+        self.walk = KeyWalk(spec)
         self.kl = spec.k_layout
 
     def bias_term(self, Bias, b, h, i, j):
@@ -229,25 +229,6 @@ class _Ctx:
         bb, bh, bq = self.spec.bias
         zero = tirx.IntImm("int64", 0)
         return tirx.Cast("float32", Bias[zero if bb else b, zero if bh else h, zero if bq else i, j])
-
-    def key_visible(self, j, pos, skv, off):
-        """Causality and the window hide keys only when Sq <= Skv (off >= 0); see flash_attention.visible."""
-        tirx = self.tirx
-        conds = [j < skv]
-        aligned = off >= 0
-        if self.causal:
-            conds.append(tirx.any(j <= pos, tirx.Not(aligned)))
-        if self.window:
-            conds.append(tirx.any(j > pos - self.window, tirx.Not(aligned)))
-        return tirx.all(*conds)
-
-    def kv_range(self, i0, tq, off, skv):
-        """Keys rows i0 .. i0+tq-1 may see: [lo, hi)."""
-        tirx = self.tirx
-        zero = tirx.IntImm("int64", 0)
-        hi = tirx.Select(off >= 0, tirx.min(skv, i0 + tq + off), skv) if self.causal else skv
-        lo = tirx.Select(off >= 0, tirx.max(zero, i0 + off - self.window + 1), zero) if self.window else zero
-        return lo, hi
 
     @staticmethod
     def shfl_xor(value, lane_mask):
@@ -375,15 +356,14 @@ def _prefill_kernel(spec: AttentionSpec, t: CudaTiles):
                         i0 = qt * TQ
                         off = SKV - SQ
                         tid = ty * TX + tx
-                        kv_lo, kv_hi = c.kv_range(i0, TQ, off, SKV)
                         load_q(Qs, DP, Q, tmp, tid, b, h, i0, SQ, TQ)
                         for a in T.unroll(RQ):
                             m[a] = T.float32(NEG_LARGE)
                             l[a] = T.float32(0)
                             for e in T.unroll(NC):
                                 acc[a * NC + e] = T.float32(0)
-                        for kt in T.serial((T.max(kv_hi - kv_lo, T.int64(0)) + TK - 1) // TK):
-                            j0 = kv_lo + kt * TK
+                        for kt in T.serial(c.walk.num_tiles(i0, TQ, off, SKV, TK)):
+                            j0 = c.walk.tile_start(kt, i0, TQ, off, SKV, TK)
                             load_k(Ks, DP, K, tmp, tid, b, hk, j0, SKV, TK)
                             load_v(Vs, V, tmp, tid, b, hk, j0, SKV, TK)
                             T.tvm_storage_sync("shared")
@@ -405,7 +385,7 @@ def _prefill_kernel(spec: AttentionSpec, t: CudaTiles):
                                 for k in T.unroll(RK):
                                     j = j0 + tx + TX * k
                                     s[a * RK + k] = T.Select(
-                                        c.key_visible(j, i + off, SKV, off),
+                                        c.walk.visible(j, i + off, SKV, off, kt, TK),
                                         s[a * RK + k] * T.float32(scale)
                                         + c.bias_term(Bias, b, h, T.min(i, SQ - 1), T.min(j, SKV - 1)),
                                         T.float32(-math.inf))
@@ -498,7 +478,6 @@ def _decode_kernel(spec: AttentionSpec, t: CudaTiles):
                         kk = lane // KG  # this lane's key within the warp's RK keys
                         kg = lane % KG
                         jj = w * RK + kk
-                        kv_lo, kv_hi = c.kv_range(i0, TQ, off, SKV)
                         for it in T.serial(_ceil_div(TQ * D, NT)):
                             if it * NT + tid < TQ * D:
                                 Qs[(it * NT + tid) // D, (it * NT + tid) % D] = q_scaled(
@@ -508,8 +487,8 @@ def _decode_kernel(spec: AttentionSpec, t: CudaTiles):
                             l[r] = T.float32(0)
                             for e in T.unroll(NCD):
                                 acc[r * NCD + e] = T.float32(0)
-                        for kt in T.serial((T.max(kv_hi - kv_lo, T.int64(0)) + TK - 1) // TK):
-                            j0 = kv_lo + kt * TK
+                        for kt in T.serial(c.walk.num_tiles(i0, TQ, off, SKV, TK)):
+                            j0 = c.walk.tile_start(kt, i0, TQ, off, SKV, TK)
                             load_k(Ks, DPK, K, tmp, tid, b, hk, j0, SKV, TK)
                             load_v(Vs, V, tmp, tid, b, hk, j0, SKV, TK)
                             T.tvm_storage_sync("shared")
@@ -526,7 +505,7 @@ def _decode_kernel(spec: AttentionSpec, t: CudaTiles):
                                 for o in T.unroll(LOG_KG):  # the dot product over the key's KG lanes
                                     s[r] = s[r] + c.shfl_xor(s[r], 1 << o)
                                 s[r] = T.Select(
-                                    c.key_visible(j0 + jj, i0 + r + off, SKV, off),
+                                    c.walk.visible(j0 + jj, i0 + r + off, SKV, off, kt, TK),
                                     s[r] + c.bias_term(Bias, b, h, T.min(i0 + r, SQ - 1), T.min(j0 + jj, SKV - 1)),
                                     T.float32(-math.inf))
                                 red[0] = s[r]

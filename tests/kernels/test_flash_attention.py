@@ -119,6 +119,44 @@ def test_half_precision_accumulates_in_float32(dtype, tol, seed):
     np.testing.assert_allclose(got, ref, rtol=tol, atol=tol, err_msg=f"seed {seed}")
 
 
+@pytest.mark.parametrize("global_keys", [True, False])
+def test_band_with_global_keys_matches_reference(global_keys, seed):
+    """Longformer's kind: a two-sided band of ``band`` keys each side, and (global_keys) G gathered global keys in
+    front that every row sees; random bands (0 included), G = 0..5, ragged lengths, a per-key bias that hides some
+    keys (padding, global tokens in the band) as the fusion pass builds it."""
+    rng = np.random.default_rng(seed)
+    for trial in range(3):
+        band = int(rng.choice([0, 1, int(rng.integers(2, 40))]))
+        kv_heads = int(rng.choice([1, 2]))
+        spec = AttentionSpec(kv_heads * int(rng.choice([1, 2])), kv_heads, 16, 16, float(rng.uniform(0.1, 0.4)),
+                             band=band, global_keys=global_keys, bias=(False, True, True),
+                             q_layout="bsnd", k_layout="bsnd", v_layout="bsnd", out_layout="bsnd")
+        fn = _build(spec)
+        for sq in (int(rng.integers(1, 90)), 33):
+            g = int(rng.integers(0, 6)) if global_keys else 0
+            b = int(rng.integers(1, 3))
+            q, k, v, bias = _inputs(spec, rng, b, sq, sq + g)
+            bias = np.where(rng.random(bias.shape) < 0.15, -1e30, 0).astype(np.float32)
+            bias[..., g:][..., np.arange(sq) % 7 == 3] = 0  # rows whose own key is hidden still see one key
+            got = _run(fn, spec, [q, k, v, bias], b, sq)
+            ok = visible(spec, sq, sq + g)
+            seen = ok[None, None] & (bias > -1)
+            rows = np.broadcast_to(seen.any(-1), (b, spec.num_heads, sq))  # a row that sees no key: not compared
+            assert rows.mean() > 0.5
+            ref = attention_reference(spec, q, k, v, bias)
+            np.testing.assert_allclose(got.transpose(0, 2, 1, 3)[rows], ref.transpose(0, 2, 1, 3)[rows],
+                                       **FP32_TOL, err_msg=f"seed {seed} band {band} G {g} Sq {sq}")
+
+
+def test_visible_band_and_global_keys():
+    spec = AttentionSpec(1, 1, 8, 8, 1.0, band=1, global_keys=True)
+    got = visible(spec, 3, 5)  # two global keys, then the band over query rows 0..2 at key positions 2..4
+    assert got.astype(int).tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1], [1, 1, 0, 1, 1]]
+    assert visible(AttentionSpec(1, 1, 8, 8, 1.0, band=0), 3, 3).tolist() == np.eye(3, dtype=bool).tolist()
+    assert AttentionSpec(1, 1, 8, 8, 1.0, global_keys=True).check().startswith("global keys")
+    assert "band" in AttentionSpec(1, 1, 8, 8, 1.0, band=2, causal=True).check()
+
+
 def test_visible_keys_follow_hf_window_and_causality():
     spec = AttentionSpec(1, 1, 8, 8, 1.0, causal=True, window=3)
     got = visible(spec, 2, 6)  # query rows at positions 4 and 5

@@ -73,6 +73,11 @@ EMULATED = {
                              ((1, 1), (1, 70))),
     "decode4_window_bias": (S(4, 2, 64, 64, 0.125, causal=True, window=7, q_len=4, bias=(False, False, False)),
                             ((4, 4), (4, 37), (4, 70))),
+    # Longformer: a band of 5 keys each side, Skv - Sq global keys in front (0, 3, 40), a per-key bias
+    "band_global_keys_bsnd": (S(4, 4, 32, 32, 0.177, band=5, global_keys=True, bias=(False, True, True),
+                                q_layout="bsnd", k_layout="bsnd", v_layout="bsnd", out_layout="bsnd"),
+                              ((1, 1), (37, 40), (70, 70), (20, 60))),
+    "band_bnds": (S(2, 2, 64, 64, 0.125, band=12, k_layout="bnds"), ((37, 37), (70, 70))),
 }
 
 
