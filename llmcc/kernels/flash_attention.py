@@ -13,7 +13,10 @@ O(TQ * (TK + Dv)) per thread, whatever the sequence length.
 Positions are bottom-right aligned: query row ``i`` sits at key position ``i + Skv - Sq`` (a decode step's one
 query is the newest token). ``causal`` hides keys after that position, ``window`` W hides keys ``W`` or more behind
 it (HF's sliding window: key j is visible from position p iff ``p - W < j <= p``). Tiles wholly outside are skipped,
-so a causal kernel does about half the work and a windowed one O(Sq * W). A key hidden by causality or the window
+so a causal kernel does about half the work and a windowed one O(Sq * W). A ``band`` w (Longformer's local
+attention) shows keys within w of the position on both sides; with ``global_keys`` the ``Skv - Sq`` keys in front of
+the first position are Longformer's gathered global tokens, which every row sees: the kernel walks their tiles, then
+the band's, O(Sq * (G + w)) work. A key hidden by causality, the window or the band
 gets probability exactly 0; a key hidden by an additive bias gets ``exp(bias - max)`` like in the unfused graph, so
 with HF's finite ``finfo.min`` masks the two agree except on rows that every key is masked from (padding rows,
 whose output nobody reads).

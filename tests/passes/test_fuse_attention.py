@@ -141,14 +141,14 @@ EXPECTED = {
     "llama-decode": (2, 0, {"causal+gqa+kv_cache"}),
     "mistral": (2, 0, {"sliding_window+gqa"}),
     "bigbird": (8, 0, {"block_sparse"}),
-    "longformer": (1, 1, {"sliding_window+global", "global"}),
+    "longformer": (2, 0, {"sliding_window+global", "global"}),
 }
 
 
 @pytest.mark.parametrize("name", list(EXPECTED))
 def test_zoo_sites(name):
-    """Every attention site of every zoo model fuses, BigBird's block-sparse pieces included; of Longformer's two
-    sites the global-token queries fuse and the chunked band is recognised and reported unfused."""
+    """Every attention site of every zoo model fuses, BigBird's block-sparse pieces and both of Longformer's sites
+    (the chunked band with global keys, and the global tokens' own queries) included."""
     fused, unfused, kinds = EXPECTED[name]
     p = FuseAttention()
     after = p(import_model(load_model(zoo.onnx_path(name))))
@@ -159,11 +159,12 @@ def test_zoo_sites(name):
     assert all(s["reason"] for s in p.sites if not s["fused"])
 
 
-@pytest.mark.parametrize("name", ["llama", "llama-gqa", "gpt2", "minilm", "mistral", "llama-decode", "bigbird"])
+@pytest.mark.parametrize("name", ["llama", "llama-gqa", "gpt2", "minilm", "mistral", "llama-decode", "bigbird",
+                                  "longformer"])
 def test_zoo_numerics_match_onnxruntime(name):
     """After fusion the compiled model matches onnxruntime (fp32 rel err <= 1e-5) at several sequence lengths: one row,
     and one, two and three 32-row query tiles (mistral's window is 16; llama-decode's lengths are the past's;
-    BigBird's is fixed at 256)."""
+    BigBird's is fixed at 256, Longformer's at 128, where random padding lengths stand in)."""
     import onnxruntime as ort
 
     path = zoo.onnx_path(name)
@@ -174,8 +175,12 @@ def test_zoo_numerics_match_onnxruntime(name):
     vm = relax.VirtualMachine(tvm.compile(result.mod, target=spec.tvm_target(), relax_pipeline=None), tvm.cpu())
     weights = [tvm.runtime.tensor(w) for _, w in result.weights]
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    for seq, batch in [(256, 1)] if name == "bigbird" else [(1, 2), (16, 2), (37, 2), (77, 1)]:
+    rng = np.random.default_rng()
+    static = {"bigbird": [(256, 1)], "longformer": [(128, 1)] * 3}
+    for seq, batch in static.get(name, [(1, 2), (16, 2), (37, 2), (77, 1)]):
         feeds = zoo.sample_inputs(name, seq, batch=batch)
+        if name == "longformer":  # padding from a random token on: the band's key mask and the zeroed rows
+            feeds["attention_mask"][:, int(rng.integers(2, 129)):] = 0
         out = vm["main"](*(tvm.runtime.tensor(v) for v in feeds.values()), *weights)
         outs = list(out) if isinstance(out, (list, tuple)) or hasattr(out, "__getitem__") and not hasattr(
             out, "numpy") else [out]
@@ -205,23 +210,86 @@ def test_fp16_llama_fuses_and_matches_onnxruntime(tmp_path):
         assert err <= 2e-3, f"seq {seq}: relative error vs onnxruntime fp16 {err:.3g}"
 
 
-def test_longformer_sites_are_named_and_explained():
-    """HF Longformer's softmaxes match no sdpa pattern: the local band (chunked q @ k^T, diagonal mask, global-key
-    scores concatenated in front) stays, with its kind and why; the global tokens' own queries (3-D scores, a
-    scatter and a where for masks) fuse into one flash kernel with an additive bias, and their scores are gone."""
+def test_longformer_band_and_global_queries_fuse():
+    """HF Longformer's two softmaxes match no sdpa pattern; both fuse: the local band (chunked q @ k^T over 2w+1
+    diagonals, a diagonal key mask, the global-key scores concatenated in front) into one kernel over the global keys
+    and the band (kind sliding_window+global, band 16), the global tokens' own queries into one with an additive
+    bias. No softmax, einsum or chunked band tensor is left."""
     p = FuseAttention()
     after = p(import_model(load_model(zoo.onnx_path("longformer"))))
-    assert p.rewrites == 1 == _attention_calls(after)
+    assert p.rewrites == 2 == _attention_calls(after)
     band, global_queries = p.sites
-    assert band["kind"] == "sliding_window+global" and not band["fused"] and band["kernel"] is None
-    assert band["reason"].startswith("chunked sliding-window scores")
-    assert "16 keys each side" in band["reason"] and "[B, S, H, G + 33]" in band["reason"]
+    assert band["kind"] == "sliding_window+global" and band["fused"] and band["kernel"] == "flash_attention_cpu"
     assert global_queries["kind"] == "global" and global_queries["fused"]
-    assert global_queries["kernel"] == "flash_attention_cpu"
-    softmaxes = [b for f in after.functions.values() if isinstance(f, relax.Function)
-                 for block in f.body.blocks for b in block.bindings
-                 if isinstance(b.value, relax.Call) and getattr(b.value.op, "name", "") == "relax.nn.softmax"]
-    assert len(softmaxes) == 1  # the band's
+    assert list(p._kernels)[0].band == 16 and list(p._kernels)[0].global_keys
+    calls = [b.value for f in after.functions.values() if isinstance(f, relax.Function)
+             for block in f.body.blocks for b in block.bindings if isinstance(b.value, relax.Call)]
+    assert not [c for c in calls if getattr(c.op, "name", "") == "relax.nn.softmax"]
+    callees = [c.args[0].name_hint for c in calls if getattr(c.op, "name", "") == "relax.call_tir"]
+    assert not [n for n in callees if n.startswith(("einsum", "pad"))], callees
+
+
+@relax.expr_functor.mutator
+class _ChangeBinding(relax.PyExprMutator):
+    """Rewrite the first binding ``pick`` selects with ``change``."""
+
+    def __init__(self, mod, pick, change):
+        super().__init__(mod)
+        self.pick, self.change, self.done = pick, change, False
+
+    def visit_var_binding_(self, binding):
+        if not self.done and self.pick(binding.value):
+            self.done = True
+            value = self.builder_.normalize(self.change(binding.value))
+            self.builder_.emit_normalized(relax.VarBinding(binding.var, value))
+            return
+        super().visit_var_binding_(binding)
+
+
+def _changed_longformer(pick, change):
+    mod = import_model(load_model(zoo.onnx_path("longformer")))
+    mutator = _ChangeBinding(mod, pick, change)
+    func = mod["main"]
+    mod["main"] = relax.Function(func.params, mutator.visit_expr(func.body), func.ret_ty, func.is_pure, func.attrs)
+    assert mutator.done
+    return mod
+
+
+def _is_key_mask_where(call):
+    """where(hidden [B, S, 1, 1], min, x): the band's key mask before HF chunks it."""
+    return (isinstance(call, relax.Call) and getattr(call.op, "name", "") == "relax.where"
+            and isinstance(call.args[1], tvm.ir.GenericConst)
+            and call.args[0].ty.dtype == "bool" and len(call.args[0].ty.shape) == 4
+            and [int(d) for d in call.args[0].ty.shape.values[2:]] == [1, 1] and call.args[1].value.numpy() < -1e30)
+
+
+def test_longformer_band_with_a_soft_key_mask_stays():
+    """Must not fire: a key mask of -1 instead of finfo.min is a soft bias the band's -1e30 would not reproduce;
+    the band stays unfused with the reason, the global queries still fuse."""
+    mod = _changed_longformer(_is_key_mask_where, lambda c: relax.op.where(
+        c.args[0], relax.const(-1.0, "float32"), c.args[2]))
+    p = FuseAttention()
+    p(mod)
+    band, global_queries = p.sites
+    assert not band["fused"] and band["kind"] == "sliding_window+global"
+    assert "key mask is not where" in band["reason"] and global_queries["fused"]
+
+
+def test_longformer_band_reading_other_keys_stays():
+    """Must not fire: when the band's product reads keys other than those the global keys are gathered from (here
+    the value projection's output), the two parts are no longer one attention over one key set."""
+    def picks_band_product(call):
+        return isinstance(call, relax.Call) and getattr(call.op, "name", "") == "relax.call_tir" \
+            and call.args[0].name_hint == "einsum"
+
+    def swap_keys(call):
+        left, right = call.args[1].fields
+        return relax.call_tir(call.args[0], relax.Tuple([left, left]), call.ty)
+
+    p = FuseAttention()
+    p(_changed_longformer(picks_band_product, swap_keys))
+    band = p.sites[0]
+    assert not band["fused"] and "not one product of views of q and the keys" in band["reason"]
 
 
 def _global_query_chain(scatter_fill: float, mask_fill: float, heads=2, g=3, s=8, d=4):
