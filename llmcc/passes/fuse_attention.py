@@ -70,6 +70,7 @@ from llmcc.kernels import block_layout
 from llmcc.kernels.flash_attention import AttentionSpec, cpu_tiles, flash_attention_kernel
 from llmcc.passes import LlmccPass
 from llmcc.passes import attention_ir as ir
+from llmcc.passes.concat_key_attention import ConcatKeySite, concat_key_site
 from llmcc.passes.longformer_attention import (BandSite, GlobalQuerySite, band_site, describe_longformer,
                                                global_query_site)
 
@@ -400,7 +401,7 @@ class _SiteRewriter(relax.PyExprMutator):
         if site is None:
             super().visit_var_binding_(binding)
             return
-        if isinstance(site, (GlobalQuerySite, BandSite)):
+        if isinstance(site, (GlobalQuerySite, BandSite, ConcatKeySite)):
             site.emit(self, binding)
             return
         if isinstance(site, relax.ShapeExpr):  # a shape read of a fused site's intermediate: its static shape
@@ -543,28 +544,7 @@ class FuseAttention(LlmccPass):
         for probs_var in sorted(softmaxes, key=order.get):
             site = self._match(probs_var, var2val, consumers, patterns)
             if site is None:
-                longformer = describe_longformer(var2val[probs_var], var2val)
-                matcher = {"global": global_query_site, "sliding_window+global": band_site}.get(
-                    longformer[0] if longformer is not None else None)
-                if matcher is not None:
-                    site, why = matcher(probs_var, var2val, consumers, outputs)
-                    if site is not None:
-                        note = ""
-                        if isinstance(site, BandSite) and self.target is not None and self.target.is_gpu:
-                            note = (f"kernel {self._kernel_name()}, not triton: the Triton kernels take a causal "
-                                    "window or a block layout, not a two-sided band with global keys in front")
-                        self._record(fname, probs_var, longformer[0], True, note, site.spec)
-                        plans[site.root_var] = site
-                        plans.update(site.shape_reads)  # so the scores themselves are no longer computed
-                        continue
-                    longformer = (longformer[0], False, f"{longformer[2]}; {why}")
-                if longformer is not None:
-                    self._record(fname, probs_var, *longformer)
-                    continue
-                if not any(self._value_matmuls(probs_var, var2val, consumers)):
-                    continue  # a softmax that is no attention (classifier head, gating): not a site
-                kind, reason = _describe_unmatched(probs_var, var2val[probs_var], var2val)
-                self._record(fname, probs_var, kind, False, reason)
+                self._plan_unmatched(fname, probs_var, var2val, consumers, outputs, plans)
                 continue
             reason = _check(site, var2val, consumers, outputs, params)
             if not reason:
@@ -577,6 +557,44 @@ class FuseAttention(LlmccPass):
             if not reason:
                 plans[site.root_var] = site
         return plans
+
+    def _plan_unmatched(self, fname, probs_var, var2val, consumers, outputs, plans) -> None:
+        """A softmax no sdpa pattern matched: HF Longformer's two sites, attention over concatenated key sets
+        (BigBird's middle band), or, if it feeds a value product at all, an unfused site with the reason."""
+        longformer = describe_longformer(var2val[probs_var], var2val)
+        concat_kind = "block_sparse" if ir.ndim(var2val[probs_var]) >= 5 else "dense"
+        kind = longformer[0] if longformer is not None else concat_kind
+        matcher = {"global": global_query_site, "sliding_window+global": band_site}.get(kind, concat_key_site)
+        site, why = matcher(probs_var, var2val, consumers, outputs)
+        if site is not None:
+            note = ""
+            if isinstance(site, BandSite) and self.target is not None and self.target.is_gpu:
+                note = (f"kernel {self._kernel_name()}, not triton: the Triton kernels take a causal window or a "
+                        "block layout, not a two-sided band with global keys in front")
+            if isinstance(site, ConcatKeySite):
+                note = ("key sets the model's own code gathered (BigBird's middle band): one dense attention per "
+                        "block over their concatenation, whose work already follows the layout")
+            self._record(fname, probs_var, kind, True, note, site.spec)
+            plans[site.root_var] = site
+            plans.update(site.shape_reads)  # so the scores themselves are no longer computed
+            return
+        if longformer is not None:
+            self._record(fname, probs_var, kind, False, f"{longformer[2]}; {why}")
+            return
+        if not any(self._value_matmuls(probs_var, var2val, consumers)) and not self._feeds_values(
+                probs_var, var2val, consumers):
+            return  # a softmax that is no attention (classifier head, gating): not a site
+        kind, reason = _describe_unmatched(probs_var, var2val[probs_var], var2val)
+        if ir.op_name(ir.producer(var2val[probs_var].args[0], var2val)) == "relax.concat":
+            reason = f"{reason}; as concatenated key sets: {why}"
+        self._record(fname, probs_var, kind, False, reason)
+
+    @staticmethod
+    def _feeds_values(probs_var, var2val, consumers) -> bool:
+        """The probabilities are sliced, and a slice is the left operand of a matmul (a split value product)."""
+        slices = [u for u in consumers.get(probs_var, []) if ir.op_name(var2val[u]) == "relax.strided_slice"]
+        return any(ir.op_name(var2val[m]) in ("relax.matmul", "relax.call_tir") for u in slices
+                   for m in consumers.get(u, []))
 
     @staticmethod
     def _value_matmuls(probs_var, var2val, consumers) -> list:

@@ -140,15 +140,16 @@ EXPECTED = {
     "minilm": (6, 0, {"padding_mask"}),
     "llama-decode": (2, 0, {"causal+gqa+kv_cache"}),
     "mistral": (2, 0, {"sliding_window+gqa"}),
-    "bigbird": (8, 0, {"block_sparse"}),
+    "bigbird": (10, 0, {"block_sparse"}),
     "longformer": (2, 0, {"sliding_window+global", "global"}),
 }
 
 
 @pytest.mark.parametrize("name", list(EXPECTED))
 def test_zoo_sites(name):
-    """Every attention site of every zoo model fuses, BigBird's block-sparse pieces and both of Longformer's sites
-    (the chunked band with global keys, and the global tokens' own queries) included."""
+    """Every attention site of every zoo model fuses, BigBird's block-sparse pieces (its middle band over the
+    concatenated key sets its code gathered included) and both of Longformer's sites (the chunked band with global
+    keys, and the global tokens' own queries)."""
     fused, unfused, kinds = EXPECTED[name]
     p = FuseAttention()
     after = p(import_model(load_model(zoo.onnx_path(name))))
@@ -176,11 +177,11 @@ def test_zoo_numerics_match_onnxruntime(name):
     weights = [tvm.runtime.tensor(w) for _, w in result.weights]
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng()
-    static = {"bigbird": [(256, 1)], "longformer": [(128, 1)] * 3}
+    static = {"bigbird": [(256, 1)] * 2, "longformer": [(128, 1)] * 3}
     for seq, batch in static.get(name, [(1, 2), (16, 2), (37, 2), (77, 1)]):
         feeds = zoo.sample_inputs(name, seq, batch=batch)
-        if name == "longformer":  # padding from a random token on: the band's key mask and the zeroed rows
-            feeds["attention_mask"][:, int(rng.integers(2, 129)):] = 0
+        if name in static:  # padding from a random token on: the masks of the gathered blocks, the band's key mask
+            feeds["attention_mask"][:, int(rng.integers(2, seq + 1)):] = 0
         out = vm["main"](*(tvm.runtime.tensor(v) for v in feeds.values()), *weights)
         outs = list(out) if isinstance(out, (list, tuple)) or hasattr(out, "__getitem__") and not hasattr(
             out, "numpy") else [out]
@@ -351,3 +352,60 @@ def test_global_query_chain_with_different_fills_stays():
     (site,) = p.sites
     assert site["kind"] == "global" and not site["fused"]
     assert "does not write the padding fill's constant" in site["reason"]
+
+
+def _concat_key_chain(scales=(0.25, 0.25), value_bounds=((0, 6), (6, 11))):
+    """BigBird's middle band, small: q [B, H, L, bs, D] scored against a per-block key set (6 keys) and a set shared
+    by every block (5 keys), each scaled and masked, one softmax over the concatenation, the probabilities sliced at
+    ``value_bounds`` and multiplied with the matching value sets, summed."""
+    bb = relax.BlockBuilder()
+    t = lambda name, shape: relax.Var(name, relax.TensorType(shape, "float32"))  # noqa: E731
+    q, k1, k2 = t("q", (1, 2, 3, 4, 8)), t("k1", (1, 2, 3, 6, 8)), t("k2", (1, 2, 1, 5, 8))
+    v1, v2 = t("v1", (1, 2, 3, 6, 8)), t("v2", (1, 2, 1, 5, 8))
+    m1, m2 = t("m1", (1, 1, 3, 4, 6)), t("m2", (1, 1, 1, 1, 5))
+    with bb.function("main", [q, k1, k2, v1, v2, m1, m2]):
+        with bb.dataflow():
+            parts = []
+            for k, m, scale in ((k1, m1, scales[0]), (k2, m2, scales[1])):
+                kt = bb.emit(relax.op.permute_dims(k, [0, 1, 2, 4, 3]))
+                s = bb.emit(relax.op.multiply(bb.emit(relax.op.matmul(q, kt)), relax.const(scale, "float32")))
+                parts.append(bb.emit(relax.op.add(s, m)))
+            p = bb.emit(relax.op.nn.softmax(bb.emit(relax.op.concat(parts, axis=-1)), axis=-1))
+            outs = [bb.emit(relax.op.matmul(bb.emit(relax.op.strided_slice(p, [4], [lo], [hi])), v))
+                    for (lo, hi), v in zip(value_bounds, (v1, v2))]
+            out = bb.emit_output(relax.op.add(*outs))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def test_concat_key_sets_fuse_exactly():
+    """Attention over concatenated key sets (one per block, one shared) fuses into one flash call with heads x blocks
+    as its heads, and equals the unfused chain on random inputs and masks with hidden keys."""
+    rng = np.random.default_rng()
+    before = _concat_key_chain()
+    p = FuseAttention()
+    after = p(before)
+    assert p.rewrites == 1 == _attention_calls(after)
+    (site,) = p.sites
+    assert site["kind"] == "block_sparse" and site["fused"] and "concatenation" in site["reason"]
+    (spec,) = p._kernels
+    assert (spec.num_heads, spec.q_len, spec.scale) == (6, 4, 0.25)
+    shapes = [(1, 2, 3, 4, 8), (1, 2, 3, 6, 8), (1, 2, 1, 5, 8), (1, 2, 3, 6, 8), (1, 2, 1, 5, 8)]
+    args = [rng.standard_normal(sh).astype(np.float32) for sh in shapes]
+    args += [np.where(rng.random(sh) < 0.3, -1e4, 0).astype(np.float32) for sh in [(1, 1, 3, 4, 6), (1, 1, 1, 1, 5)]]
+    np.testing.assert_allclose(_run_cpu(after, args), _run_cpu(before, args), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, why", [
+    (dict(scales=(0.25, 0.5)), "scaled differently"),
+    (dict(value_bounds=((0, 6), (5, 10))), "are not the key sets"),
+])
+def test_concat_key_sets_that_are_not_one_attention_stay(kwargs, why):
+    """Must not fire: sets scaled differently, or probabilities sliced at other bounds than the key sets."""
+    before = _concat_key_chain(**kwargs)
+    p = FuseAttention()
+    after = p(before)
+    assert p.rewrites == 0
+    tvm.ir.assert_structural_equal(after, before)
+    (site,) = p.sites
+    assert not site["fused"] and why in site["reason"]
