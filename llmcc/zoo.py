@@ -622,6 +622,18 @@ def _export(model: ZooModel, module, dest: Path) -> None:
         raise RuntimeError(f"export of {model.name!r} wrote external data")
 
 
+def export(name: str, dest: str | Path, *, dtype: str = "float32") -> Path:
+    """Export the zoo model ``name`` to ``dest`` (not cached), its weights and activations in ``dtype`` (float32 or
+    float16: the module is cast before the export, so the graph computes in it, as a torch .half() model does)."""
+    import torch
+
+    casts = {"float32": torch.float32, "float16": torch.float16}
+    if dtype not in casts:
+        raise LlmccError(f"zoo export dtype {dtype!r}: one of {', '.join(casts)}")
+    _export(get(name), torch_module(name).to(casts[dtype]), Path(dest))
+    return Path(dest)
+
+
 def onnx_path(name: str, cache_dir: str | Path | None = None) -> Path:
     """The model's ONNX file under <cache_dir>/zoo/, exported on first use.
 

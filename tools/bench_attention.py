@@ -319,7 +319,7 @@ def markdown(result: dict) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seqs", default="512,2048", help="attention block sequence lengths")
-    parser.add_argument("--zoo", default="llama:128,llama:512,llama-decode:128",
+    parser.add_argument("--zoo", default="llama:128,llama:512,llama-decode:128,bigbird:256,longformer:128",
                         help="zoo model:seq pairs timed end to end ('' for none)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=20)
