@@ -90,15 +90,6 @@ def make_tiny_mlp(seed: int = 0):
 
 def export_fp16_llama(path: Path) -> Path:
     """The zoo Llama in float16, exported from torch with symbolic batch and sequence, saved at ``path``."""
-    import torch
-
     from llmcc import zoo
 
-    module = zoo.torch_module("llama").half()
-    example = torch.from_numpy(zoo.sample_inputs("llama", 17, batch=2, seed=0)["input_ids"])
-    dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence")}
-    with torch.no_grad():
-        program = torch.onnx.export(module, (example,), dynamo=True, dynamic_shapes=(dims,),
-                                    input_names=["input_ids"], output_names=["logits"], verbose=False)
-    program.save(path, external_data=False)
-    return path
+    return zoo.export("llama", path, dtype="float16")

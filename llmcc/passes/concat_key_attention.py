@@ -75,7 +75,8 @@ class ConcatKeySite:
 
         keys = [per_block(k, d) for k in self.keys]
         values = [per_block(v, dv) for v in self.values]
-        masks = [bb.emit(relax.op.broadcast_to(visit(m), relax.ShapeExpr(lead + [rows, ir.shape(k)[-2]])))
+        masks = [bb.emit(relax.op.broadcast_to(bb.emit(relax.op.astype(visit(m), dtype)),
+                                               relax.ShapeExpr(lead + [rows, ir.shape(k)[-2]])))
                  for m, k in zip(self.masks, keys)]
         n = sum(int(ir.shape(k)[-2]) for k in keys)
         axis = len(lead)
@@ -100,17 +101,24 @@ def concat_key_site(probs_var, var2val, consumers, outputs) -> tuple[ConcatKeySi
 
 def _scaled_product(part, var2val):
     """(product, scale, mask) of one set's scores: add(multiply(product, scale), mask), either order."""
-    add = ir.producer(part, var2val)
+    add = _uncast(ir.producer(part, var2val), var2val)
     if ir.op_name(add) != "relax.add":
         raise ir.NoMatch("a set's scores are not scores plus a mask")
     for scaled, mask in (add.args, add.args[::-1]):
-        mul = ir.producer(scaled, var2val)
+        mul = _uncast(ir.producer(scaled, var2val), var2val)
         if ir.op_name(mul) == "relax.multiply" and isinstance(mul.args[1], ir.Const) \
                 and ir.scalar(mul.args[1]) is not None:
             product = ir.producer(mul.args[0], var2val)
             if product is not None and _product_operands(product) is not None:
                 return product, ir.scalar(mul.args[1]), mask
     raise ir.NoMatch("a set's scores are not a product times a scalar constant, plus a mask")
+
+
+def _uncast(call, var2val):
+    """``call``, or what it casts (a float16 model adds a float32 mask to scores cast to float32, then casts back)."""
+    while ir.op_name(call) == "relax.astype":
+        call = ir.producer(call.args[0], var2val)
+    return call
 
 
 def _key_set(product, q, var2val):

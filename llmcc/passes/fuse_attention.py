@@ -88,7 +88,10 @@ def _sdpa_pattern(with_output_permute: bool):
     p["scores"] = is_op("relax.matmul")(q_scaled, k_scaled)
     p["scaled"] = (is_op("relax.multiply")(p["scores"], p["score_scale"])
                    | is_op("relax.divide")(p["scores"], p["score_scale"]) | p["scores"])
-    p["masked"] = is_op("relax.add")(p["scaled"], p["mask"]) | p["scaled"]
+    # a float16 model may add a float32 mask to the scores cast to float32, then cast back (HF BigBird)
+    p["scaled32"] = is_op("relax.astype")(p["scaled"])
+    p["masked32"] = is_op("relax.add")(p["scaled32"], p["mask"])
+    p["masked"] = is_op("relax.add")(p["scaled"], p["mask"]) | is_op("relax.astype")(p["masked32"]) | p["scaled"]
     p["probs"] = is_op("relax.nn.softmax")(p["masked"])
     p["guarded"] = is_op("relax.where")(is_op("relax.isnan")(p["probs"]), p["nan_fill"], p["probs"]) | p["probs"]
     p["out_bnsh"] = is_op("relax.matmul")(p["guarded"], p["v"])
@@ -217,13 +220,13 @@ def _check(site: _Site, var2val, consumers, outputs, params) -> str:
     feats = []
     if mask is not None:
         ms = ir.shape(mask)
-        if ms is None or len(ms) > 4 or ir.dtype(mask) != ir.dtype(scores):
-            return "the additive mask is not a float tensor of rank <= 4 with the scores' dtype"
+        if ms is None or len(ms) > 4 or "float" not in ir.dtype(mask):
+            return "the additive mask is not a float tensor of rank <= 4"
         ss = ir.shape(scores)[4 - len(ms):]
         if not all(ir.is_one(a) or ir.same_dim(a, b) for a, b in zip(ms, ss)):
             return "the mask does not broadcast to [B, H, Sq, Skv]"
         feats, site.window = _mask_features(mask, var2val, params)
-    inner = ["scores", "scaled", "masked", "probs", "guarded"] + (["out_bnsh"] if site.pattern == "sdpa_bsnh_out"
+    inner = ["scores", "scaled", "scaled32", "masked32", "masked", "probs", "guarded"] + (["out_bnsh"] if site.pattern == "sdpa_bsnh_out"
                                                                    else [])
     owned = [m[n] for n in inner if m.get(n) is not None]
     inner_vars = {x for x in var2val if any(var2val[x].same_as(o) for o in owned)}
@@ -412,6 +415,8 @@ class _SiteRewriter(relax.PyExprMutator):
         bias = None if site.drop_mask else site.m.get("mask")
         if bias is not None:
             bias = self.visit_expr(bias)
+            if ir.dtype(bias) != spec.dtype:  # a float32 mask on float16 scores: the kernel reads it in its dtype
+                bias = self.builder_.emit(relax.op.astype(bias, spec.dtype))
             while ir.ndim(bias) < 4:
                 bias = self.builder_.emit(relax.op.expand_dims(bias, 0))
             args.append(bias)

@@ -72,7 +72,18 @@ def _replaced_bias(bb, scores, slots, updates):
     the same scores (zeros of the scores' shape, not zeros_like, so the scores need not be computed)."""
     big = relax.const(_REPLACED_SCORE_BIAS, ir.dtype(scores))
     zeros = bb.emit(relax.op.zeros(relax.ShapeExpr(ir.shape(scores)), ir.dtype(scores)))
-    return bb.emit(relax.op.scatter_nd(zeros, slots, bb.emit(relax.op.full_like(updates, big)), "update"))
+    fills = bb.emit(relax.op.broadcast_to(big, relax.ShapeExpr(ir.shape(updates))))  # (full_like does not fold)
+    return bb.emit(relax.op.scatter_nd(zeros, slots, fills, "update"))
+
+
+def _cast_chain(var, var2val, consumers) -> list:
+    """The astype bindings that alone read ``var``, one after another (float32 and back in a float16 model)."""
+    chain = []
+    while True:
+        users = consumers.get(chain[-1] if chain else var, [])
+        if len(users) != 1 or ir.op_name(var2val[users[0]]) != "relax.astype":
+            return chain
+        chain.append(users[0])
 
 
 class GlobalQuerySite:
@@ -151,10 +162,10 @@ def global_query_site(probs_var, var2val, consumers, outputs) -> tuple[GlobalQue
             or ir.scalar(bcast.args[0]) != ir.scalar(fill):
         return None, "the scatter does not write the padding fill's constant everywhere"
     q3, k_t3 = scores3.args
-    uses = [u for u in consumers.get(probs_var, [])]
-    if len(uses) != 1 or ir.op_name(var2val[uses[0]]) != "relax.astype":
-        return None, "the probabilities have users other than one cast"
-    cast = uses[0]
+    casts = _cast_chain(probs_var, var2val, consumers)  # HF casts to float32 (and back, in a float16 model)
+    if not casts:
+        return None, "the probabilities have users other than casts"
+    cast = casts[-1]
     matmuls = consumers.get(cast, [])
     if len(matmuls) != 1 or ir.op_name(var2val[matmuls[0]]) != "relax.matmul" \
             or not var2val[matmuls[0]].args[0].same_as(cast):
@@ -178,7 +189,7 @@ def global_query_site(probs_var, var2val, consumers, outputs) -> tuple[GlobalQue
     if cs is None or len(cs) > 4 or not all(ir.is_one(a) or ir.same_dim(a, c)
                                             for a, c in zip(cs, [b, h, g, s][-len(cs):])):
         return None, "the padding condition does not broadcast to [B, H, G, S]"
-    inner = set(chain) | {cast}
+    inner = set(chain) | set(casts)
     # The scatter's indices are computed from shape_of(scores): a shape read, which the rewrite answers statically.
     shape_reads = {u for x in inner for u in consumers.get(x, []) if ir.op_name(var2val[u]) == "relax.shape_of"}
     if any(u not in inner | {root} | shape_reads for x in inner for u in consumers.get(x, [])) \
@@ -439,6 +450,7 @@ def _match_band(probs_var, probs, var2val, consumers, outputs) -> BandSite:
     where = var2val[masked]
     if not where.args[2].same_as(head) or not isinstance(where.args[1], ir.Const) or ir.scalar(where.args[1]) != 0.0:
         raise ir.NoMatch("the probabilities are not where(query is padding, 0, p)")
+    masked = (_cast_chain(masked, var2val, consumers) or [masked])[-1]  # back to float16 in a float16 model
     query_padding = where.args[0]
     if ir.ndim(query_padding) != 4 or [int(x) for x in ir.shape(query_padding)[2:]] != [1, 1]:
         raise ir.NoMatch("the padding rows' condition is not [B, S, 1, 1]")
