@@ -579,13 +579,13 @@ def _quiet_export():
         onnx_logger.setLevel(level)
 
 
-def _export(model: ZooModel, module, dest: Path) -> None:
+def _export(model: ZooModel, module, dest: Path, float_dtype: str = "float32") -> None:
     import onnx
     import torch
 
     seq = _EXAMPLE_SEQ if model.seq_dim else model.seq_lens[0]
     batch = _EXAMPLE_BATCH if "batch" in model.dynamic_dims else model.inputs[0].shape[0]
-    example = sample_inputs(model.name, seq, batch=batch, seed=0)
+    example = as_float(sample_inputs(model.name, seq, batch=batch, seed=0), float_dtype)
     args = tuple(torch.from_numpy(example[s.name]) for s in model.inputs)
     dims = {d: torch.export.Dim(d) for d in model.dynamic_dims}
     # One entry per input (a fixed dim is left out), nested like forward's signature: a trailing *args is a tuple.
@@ -624,14 +624,20 @@ def _export(model: ZooModel, module, dest: Path) -> None:
 
 def export(name: str, dest: str | Path, *, dtype: str = "float32") -> Path:
     """Export the zoo model ``name`` to ``dest`` (not cached), its weights and activations in ``dtype`` (float32 or
-    float16: the module is cast before the export, so the graph computes in it, as a torch .half() model does)."""
+    float16: the module is cast before the export, so the graph computes in it, as a torch .half() model does; its
+    floating inputs, a KV cache, are in ``dtype`` too: ``as_float``)."""
     import torch
 
     casts = {"float32": torch.float32, "float16": torch.float16}
     if dtype not in casts:
         raise LlmccError(f"zoo export dtype {dtype!r}: one of {', '.join(casts)}")
-    _export(get(name), torch_module(name).to(casts[dtype]), Path(dest))
+    _export(get(name), torch_module(name).to(casts[dtype]), Path(dest), dtype)
     return Path(dest)
+
+
+def as_float(feeds: dict[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]:
+    """``feeds`` with the floating inputs (a KV cache) in ``dtype``, for a model exported in it."""
+    return {k: v.astype(dtype) if v.dtype.kind == "f" else v for k, v in feeds.items()}
 
 
 def onnx_path(name: str, cache_dir: str | Path | None = None) -> Path:
