@@ -97,3 +97,19 @@ def upstream(expr, var2val, *, through=None, limit=400):
             else:
                 stack.append(a)
     return out
+
+
+def callee(call) -> str:
+    """The PrimFunc name of a call_tir (the importer legalizes einsum and pad into call_tir), else ''."""
+    if op_name(call) == "relax.call_tir" and isinstance(call.args[0], tvm.ir.GlobalVar):
+        return call.args[0].name_hint
+    return ""
+
+
+def product_operands(call):
+    """(left, right) of a matmul or of an einsum's call_tir, else None."""
+    if op_name(call) == "relax.matmul":
+        return call.args[0], call.args[1]
+    if callee(call).startswith("einsum") and len(call.args[1].fields) == 2:
+        return tuple(call.args[1].fields)
+    return None

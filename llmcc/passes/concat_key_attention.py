@@ -34,21 +34,6 @@ from llmcc.kernels.flash_attention import AttentionSpec
 from llmcc.passes import attention_ir as ir
 
 
-def _callee(call) -> str:
-    if ir.op_name(call) == "relax.call_tir" and isinstance(call.args[0], tvm.ir.GlobalVar):
-        return call.args[0].name_hint
-    return ""
-
-
-def _product_operands(call):
-    """(left, right) of a matmul or of an einsum's call_tir, else None."""
-    if ir.op_name(call) == "relax.matmul":
-        return call.args[0], call.args[1]
-    if _callee(call).startswith("einsum") and len(call.args[1].fields) == 2:
-        return tuple(call.args[1].fields)
-    return None
-
-
 class ConcatKeySite:
     """One site: q, the key, value and mask sets, and the flash kernel's spec (see the module docstring)."""
 
@@ -109,7 +94,7 @@ def _scaled_product(part, var2val):
         if ir.op_name(mul) == "relax.multiply" and isinstance(mul.args[1], ir.Const) \
                 and ir.scalar(mul.args[1]) is not None:
             product = ir.producer(mul.args[0], var2val)
-            if product is not None and _product_operands(product) is not None:
+            if product is not None and ir.product_operands(product) is not None:
                 return product, ir.scalar(mul.args[1]), mask
     raise ir.NoMatch("a set's scores are not a product times a scalar constant, plus a mask")
 
@@ -123,7 +108,7 @@ def _uncast(call, var2val):
 
 def _key_set(product, q, var2val):
     """The keys a product reads as [.., n, D] (looking through the transpose a matmul takes)."""
-    left, right = _product_operands(product)
+    left, right = ir.product_operands(product)
     if not left.same_as(q):
         raise ir.NoMatch("the key sets are not all scored against one q")
     if ir.op_name(product) == "relax.matmul":
@@ -145,7 +130,7 @@ def _match(probs_var, var2val, consumers, outputs) -> ConcatKeySite:
         raise ir.NoMatch("the softmax input is not a concat of key sets' scores")
     parts = list(cat.args[0].fields)
     scored = [_scaled_product(p, var2val) for p in parts]
-    q = _product_operands(scored[0][0])[0]
+    q = ir.product_operands(scored[0][0])[0]
     keys = [_key_set(prod, q, var2val) for prod, _, _ in scored]
     scales = {scale for _, scale, _ in scored}
     if len(scales) != 1:
@@ -181,7 +166,7 @@ def _match(probs_var, var2val, consumers, outputs) -> ConcatKeySite:
     for bound in bounds:
         users = consumers.get(slices[bound], [])
         call = var2val[users[0]] if len(users) == 1 else None
-        ops = _product_operands(call) if call is not None else None
+        ops = ir.product_operands(call) if call is not None else None
         if ops is None or not ops[0].same_as(slices[bound]):
             raise ir.NoMatch("a probability slice does not feed one product with values")
         values.append(ops[1])

@@ -306,6 +306,10 @@ def _describe_unmatched(probs_var, probs, var2val) -> tuple[str, str]:
     return "unknown", "the softmax input is not (scaled) q @ k^T plus an additive mask"
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Operands: where the kernel reads q, k and v from, without the copies the exported graph makes on the way.
+
+
 def _peel_repeat(x, var2val):
     """(kv, groups): x [B, H, S, D] = reshape(broadcast_to(expand_dims(kv, 2), [B, Hkv, G, S, D])) is kv repeated G
     times per head (HF's repeat_kv); else (x, 1)."""

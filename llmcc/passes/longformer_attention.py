@@ -206,7 +206,7 @@ def global_query_site(probs_var, var2val, consumers, outputs) -> tuple[GlobalQue
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Operands: where the kernel reads q, k and v from, without the copies the exported graph makes on the way.
+# The band site.
 
 
 # Ops that only move or select elements: a tensor reached through them is a view of (part of) its source.
@@ -214,21 +214,8 @@ _VIEW_OPS = {"relax.reshape", "relax.permute_dims", "relax.strided_slice", "rela
              "relax.broadcast_to", "relax.squeeze", "relax.take"}
 
 
-def _callee(call) -> str:
-    """The PrimFunc name of a call_tir (the importer legalizes einsum and pad into call_tir), else ''."""
-    if ir.op_name(call) == "relax.call_tir" and isinstance(call.args[0], tvm.ir.GlobalVar):
-        return call.args[0].name_hint
-    return ""
-
-
-def _operands(product) -> tuple:
-    """The two operands of a matmul or an einsum's call_tir."""
-    args = product.args[1].fields if _callee(product) else product.args
-    return args[0], args[1]
-
-
 def _is_view(call) -> bool:
-    return ir.op_name(call) in _VIEW_OPS or _callee(call).startswith("pad")
+    return ir.op_name(call) in _VIEW_OPS or ir.callee(call).startswith("pad")
 
 
 def _view_sources(expr, var2val) -> set:
@@ -247,7 +234,7 @@ def _view_sources(expr, var2val) -> set:
         if isinstance(val, relax.Var):
             stack.append(val)
         elif isinstance(val, relax.Call) and _is_view(val):
-            first = val.args[1] if _callee(val) else val.args[0]
+            first = val.args[1] if ir.callee(val) else val.args[0]
             stack.extend(first.fields if isinstance(first, relax.Tuple) else [first])
         else:
             sources.add(e)
@@ -258,7 +245,7 @@ def _products(expr, var2val) -> list:
     """The products (matmul, einsum) that ``expr`` is computed from, walking up through anything else."""
     found = []
     for call in ir.upstream(expr, var2val, limit=300):
-        if ir.op_name(call) == "relax.matmul" or _callee(call).startswith("einsum"):
+        if ir.product_operands(call) is not None:
             found.append(call)
     return found
 
@@ -410,9 +397,9 @@ def _match_band(probs_var, probs, var2val, consumers, outputs) -> BandSite:
             raise ir.NoMatch("the permutes around the global slots' scatter are not [0, 3, 2, 1]")
         slots = scatter
         scores = ir.producer(front.args[0], var2val)
-    if scores is None or not (ir.op_name(scores) == "relax.matmul" or _callee(scores).startswith("einsum")):
+    if scores is None or not (ir.op_name(scores) == "relax.matmul" or ir.callee(scores).startswith("einsum")):
         raise ir.NoMatch("the global-key scores are not one product of q and the global keys")
-    q, k_glob = _operands(scores)
+    q, k_glob = ir.product_operands(scores)
     if ir.ndim(q) != 4 or ir.ndim(k_glob) != 4:
         raise ir.NoMatch("q or the global keys are not 4-D [B, S, H, D]")
     d = ir.shape(q)[3]
@@ -426,8 +413,8 @@ def _match_band(probs_var, probs, var2val, consumers, outputs) -> BandSite:
     # band scores: the chunked product of views of q and k, plus a key mask where(hidden, min, 0)
     add = _step(band, "relax.add", "the band scores", var2val)
     q_src, k_src = _view_sources(q, var2val), _view_sources(k, var2val)
-    reads_qk = [any(_view_sources(_operands(p)[0], var2val) == q_src
-                    and _view_sources(_operands(p)[1], var2val) == k_src for p in _products(a, var2val))
+    reads_qk = [any(_view_sources(ir.product_operands(p)[0], var2val) == q_src
+                    and _view_sources(ir.product_operands(p)[1], var2val) == k_src for p in _products(a, var2val))
                 for a in add.args]
     if reads_qk.count(True) != 1:
         raise ir.NoMatch("the band scores are not one product of views of q and the keys the global keys are "
@@ -480,7 +467,7 @@ def _match_band(probs_var, probs, var2val, consumers, outputs) -> BandSite:
     glob_part = consumers[glob_mm][0] if permuted else glob_mm
     other = [a for a in var2val[root].args if not a.same_as(glob_part)]
     v_src = _view_sources(v, var2val)
-    if len(other) != 1 or not any(_view_sources(_operands(p)[1], var2val) == v_src
+    if len(other) != 1 or not any(_view_sources(ir.product_operands(p)[1], var2val) == v_src
                                   for p in _products(other[0], var2val)):
         raise ir.NoMatch("the band part of the output is not a product with the values")
     dtype = ir.dtype(q)
