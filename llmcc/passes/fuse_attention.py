@@ -573,7 +573,8 @@ class FuseAttention(LlmccPass):
         longformer = describe_longformer(var2val[probs_var], var2val)
         concat_kind = "block_sparse" if ir.ndim(var2val[probs_var]) >= 5 else "dense"
         kind = longformer[0] if longformer is not None else concat_kind
-        matcher = {"global": global_query_site, "sliding_window+global": band_site}.get(kind, concat_key_site)
+        matcher = {"global": global_query_site, "sliding_window+global": band_site,
+                   "sliding_window": band_site}.get(kind, concat_key_site)
         site, why = matcher(probs_var, var2val, consumers, outputs)
         if site is not None:
             note = ""

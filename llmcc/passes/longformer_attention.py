@@ -275,6 +275,10 @@ class BandSite:
     HF's diagonal mask does) and the global keys (the bias hides padded slots). The kernel walks the global keys'
     tiles and the band's, so its work is O(S * (G + w)); the chunked band tensors are gone.
 
+    Called without global tokens (LongformerModel's default), HF computes the band alone: softmax(band + key mask),
+    the padding rows zeroed, one chunked value product reshaped to [B, H, S, Dv]. That becomes the same kernel with
+    no global keys (``band=w`` alone), reading the [B, H, S, D] q, k and v the chunks are views of.
+
     Guards: the band's product reads views of the same q and k as the global scores, its value product views of the
     same v; every fill is a constant <= _REPLACED_SCORE_MAX; the probabilities feed only the padding where and the
     two slices; shapes line up. A misread shows as a failed check against onnxruntime when the model is compiled."""
@@ -290,24 +294,28 @@ class BandSite:
         o = {name: tuple(visit(a) for a in x) if isinstance(x, tuple) else visit(x) if x is not None else None
              for name, x in self.operands.items()}
         q, k, v, k_glob, v_glob = o["q"], o["k"], o["v"], o["k_glob"], o["v_glob"]
-        b, s, h, _ = ir.shape(q)
+        spec = self.spec
+        b, s = ir.shape(q)[0], ir.shape(q)[1 if spec.q_layout == "bsnd" else 2]
+        h, dv = spec.num_heads, spec.value_dim
         dtype = ir.dtype(q)
         big = relax.const(_REPLACED_SCORE_BIAS, dtype)
         zero = relax.const(0.0, dtype)
-        k2 = bb.emit(relax.op.concat([k_glob, k], axis=1))
-        v2 = bb.emit(relax.op.concat([v_glob, v], axis=1))
-        g = ir.shape(k_glob)[1]
-        if o["slots"] is not None:  # [B, G, H, S] with the padded slots' rows replaced; every position alike
-            replaced = _replaced_bias(bb, *o["slots"])
-            first = bb.emit(relax.op.strided_slice(replaced, [3], [0], [1]))
-            glob_bias = bb.emit(relax.op.permute_dims(first, [0, 2, 3, 1]))  # [B, H, 1, G]
-        else:
-            glob_bias = bb.emit(relax.op.zeros(relax.ShapeExpr([b, h, 1, g]), dtype))
         hidden = bb.emit(relax.op.where(o["key_hidden"], big, zero))  # [B, S, 1, 1]
-        band_bias = bb.emit(relax.op.broadcast_to(bb.emit(relax.op.reshape(hidden, relax.ShapeExpr([b, 1, 1, s]))),
-                                                  relax.ShapeExpr([b, h, 1, s])))
-        bias = bb.emit(relax.op.concat([glob_bias, band_bias], axis=3))
-        dv = ir.shape(v)[3]
+        band_bias = bb.emit(relax.op.reshape(hidden, relax.ShapeExpr([b, 1, 1, s])))
+        if k_glob is None:  # no global tokens: the band alone
+            k2, v2, bias = k, v, band_bias
+        else:
+            k2 = bb.emit(relax.op.concat([k_glob, k], axis=1))
+            v2 = bb.emit(relax.op.concat([v_glob, v], axis=1))
+            g = ir.shape(k_glob)[1]
+            if o["slots"] is not None:  # [B, G, H, S] with the padded slots' rows replaced; every position alike
+                replaced = _replaced_bias(bb, *o["slots"])
+                first = bb.emit(relax.op.strided_slice(replaced, [3], [0], [1]))
+                glob_bias = bb.emit(relax.op.permute_dims(first, [0, 2, 3, 1]))  # [B, H, 1, G]
+            else:
+                glob_bias = bb.emit(relax.op.zeros(relax.ShapeExpr([b, h, 1, g]), dtype))
+            band_bias = bb.emit(relax.op.broadcast_to(band_bias, relax.ShapeExpr([b, h, 1, s])))
+            bias = bb.emit(relax.op.concat([glob_bias, band_bias], axis=3))
         out_shape = [b, s, h, dv] if self.out_layout_permuted else [b, h, s, dv]
         out = bb.emit(relax.call_tir(rewriter.kernel(self.spec), [q, k2, v2, bias], relax.TensorType(out_shape, dtype)))
         padded = o["query_padding"]  # [B, S, 1, 1]
@@ -353,6 +361,8 @@ def band_site(probs_var, var2val, consumers, outputs) -> tuple[BandSite | None, 
     every guard holds, else (None, why not)."""
     probs = var2val[probs_var]
     try:
+        if ir.op_name(ir.producer(probs.args[0], var2val)) != "relax.concat":
+            return _match_band_only(probs_var, probs, var2val, consumers, outputs), ""
         return _match_band(probs_var, probs, var2val, consumers, outputs), ""
     except ir.NoMatch as exc:
         return None, str(exc)
@@ -370,6 +380,90 @@ def _only_user(var, consumers, var2val, op, what):
     if len(users) != 1 or ir.op_name(var2val[users[0]]) != op:
         raise ir.NoMatch(f"{what} has users other than one {op}")
     return users[0]
+
+
+def _key_hidden(mask_part, var2val):
+    """The [B, S, 1, 1] condition of the band's key mask where(hidden, min, 0), which HF chunks like the keys."""
+    for call in ir.upstream(mask_part, var2val, limit=300):
+        if ir.op_name(call) == "relax.where" and _fill_ok(call.args[1]) and ir.ndim(call.args[0]) == 4 \
+                and ir.dtype(call.args[0]) == "bool" and [int(x) for x in ir.shape(call.args[0])[2:]] == [1, 1]:
+            return call.args[0]
+    raise ir.NoMatch("the band's key mask is not where(hidden [B, S, 1, 1], min, 0)")
+
+
+def _zeroed_padding_rows(probs_var, var2val, consumers):
+    """(the probabilities as the value products read them, the padding rows' [B, S, 1, 1] condition):
+    where(query is padding, 0, astype(softmax)), cast back in a float16 model."""
+    head = (_cast_chain(probs_var, var2val, consumers) or [probs_var])[-1]
+    masked = _only_user(head, consumers, var2val, "relax.where", "the probabilities")
+    where = var2val[masked]
+    if not where.args[2].same_as(head) or not isinstance(where.args[1], ir.Const) or ir.scalar(where.args[1]) != 0.0:
+        raise ir.NoMatch("the probabilities are not where(query is padding, 0, p)")
+    query_padding = where.args[0]
+    if ir.ndim(query_padding) != 4 or [int(x) for x in ir.shape(query_padding)[2:]] != [1, 1]:
+        raise ir.NoMatch("the padding rows' condition is not [B, S, 1, 1]")
+    return (_cast_chain(masked, var2val, consumers) or [masked])[-1], query_padding
+
+
+def _bnsd_view(expr, var2val, b, h, s):
+    """A [B, H, S, D] tensor that ``expr`` (chunks of q, k or v) is a view of: up through view ops, the first one."""
+    stack, seen = [expr], set()
+    while stack:
+        e = stack.pop()
+        if isinstance(e, relax.Tuple):
+            stack.extend(e.fields)
+            continue
+        if not isinstance(e, relax.Var) or e in seen:
+            continue
+        seen.add(e)
+        shape = ir.shape(e)
+        if shape is not None and len(shape) == 4 and all(ir.same_dim(x, y) for x, y in zip(shape[:3], (b, h, s))):
+            return e
+        val = var2val.get(e)
+        if isinstance(val, relax.Var):
+            stack.append(val)
+        elif isinstance(val, relax.Call) and _is_view(val):
+            first = val.args[1] if ir.callee(val) else val.args[0]
+            stack.extend(first.fields if isinstance(first, relax.Tuple) else [first])
+    raise ir.NoMatch("q, k or v is not a view of a [B, H, S, D] tensor")
+
+
+def _match_band_only(probs_var, probs, var2val, consumers, outputs) -> BandSite:
+    """Longformer without global tokens: softmax(band scores + key mask) alone, one chunked value product."""
+    b, s, h, width = ir.shape(probs)
+    if not isinstance(width, tvm.tirx.IntImm) or int(width) % 2 != 1 or not isinstance(h, tvm.tirx.IntImm):
+        raise ir.NoMatch("the band's width (2w + 1) or the head count is not static and odd")
+    add = _step(probs.args[0], "relax.add", "the band scores", var2val)
+    for scores, mask_part in (add.args, add.args[::-1]):
+        products = [p for p in _products(scores, var2val) if ir.ndim(ir.product_operands(p)[0]) >= 3]
+        try:
+            q, k = (_bnsd_view(x, var2val, b, h, s) for x in ir.product_operands(products[0]))
+            key_hidden = _key_hidden(mask_part, var2val)
+            break
+        except (ir.NoMatch, IndexError):
+            continue
+    else:
+        raise ir.NoMatch("the band scores are not a chunked product of q and k plus a key mask")
+    masked, query_padding = _zeroed_padding_rows(probs_var, var2val, consumers)
+    value_products = [u for u, val in var2val.items() if ir.product_operands(val) is not None
+                      and _view_sources(ir.product_operands(val)[0], var2val) == {masked}]
+    if len(value_products) != 1:
+        raise ir.NoMatch("the band's probabilities do not feed one value product")
+    v = _bnsd_view(ir.product_operands(var2val[value_products[0]])[1], var2val, b, h, s)
+    after = consumers.get(value_products[0], [])
+    if len(after) != 1 or ir.op_name(var2val[after[0]]) != "relax.reshape" or ir.ndim(after[0]) != 4 \
+            or not all(ir.same_dim(x, y) for x, y in zip(ir.shape(after[0])[:3], (b, h, s))):
+        raise ir.NoMatch("the value product is not reshaped to [B, H, S, Dv]")
+    if probs_var in outputs:
+        raise ir.NoMatch("the probabilities are a function output")
+    dtype = ir.dtype(q)
+    spec = AttentionSpec(num_heads=int(h), num_kv_heads=int(h), head_dim=int(ir.shape(q)[3]),
+                         value_dim=int(ir.shape(v)[3]), scale=1.0, dtype=dtype, bias=(ir.is_one(b), True, True),
+                         band=(int(width) - 1) // 2)
+    site = BandSite(spec, {"q": q, "k": k, "v": v, "k_glob": None, "v_glob": None, "key_hidden": key_hidden,
+                           "query_padding": query_padding, "slots": None}, out_layout_permuted=False)
+    site.root_var = after[0]
+    return site
 
 
 def _match_band(probs_var, probs, var2val, consumers, outputs) -> BandSite:
@@ -420,27 +514,8 @@ def _match_band(probs_var, probs, var2val, consumers, outputs) -> BandSite:
         raise ir.NoMatch("the band scores are not one product of views of q and the keys the global keys are "
                          "gathered from, plus a mask")
     mask_part = add.args[reads_qk.index(False)]
-    key_hidden = None
-    for call in ir.upstream(mask_part, var2val, limit=300):
-        if ir.op_name(call) == "relax.where" and _fill_ok(call.args[1]) and ir.ndim(call.args[0]) == 4 \
-                and ir.dtype(call.args[0]) == "bool" and [int(x) for x in ir.shape(call.args[0])[2:]] == [1, 1]:
-            key_hidden = call.args[0]
-            break
-    if key_hidden is None:
-        raise ir.NoMatch("the band's key mask is not where(hidden [B, S, 1, 1], min, 0)")
-    # probabilities: where(query is padding, 0, astype(softmax)), then the two slices
-    head = probs_var
-    users = consumers.get(head, [])
-    if len(users) == 1 and ir.op_name(var2val[users[0]]) == "relax.astype":
-        head = users[0]
-    masked = _only_user(head, consumers, var2val, "relax.where", "the probabilities")
-    where = var2val[masked]
-    if not where.args[2].same_as(head) or not isinstance(where.args[1], ir.Const) or ir.scalar(where.args[1]) != 0.0:
-        raise ir.NoMatch("the probabilities are not where(query is padding, 0, p)")
-    masked = (_cast_chain(masked, var2val, consumers) or [masked])[-1]  # back to float16 in a float16 model
-    query_padding = where.args[0]
-    if ir.ndim(query_padding) != 4 or [int(x) for x in ir.shape(query_padding)[2:]] != [1, 1]:
-        raise ir.NoMatch("the padding rows' condition is not [B, S, 1, 1]")
+    key_hidden = _key_hidden(mask_part, var2val)
+    masked, query_padding = _zeroed_padding_rows(probs_var, var2val, consumers)
     slices = consumers.get(masked, [])
     if len(slices) != 2 or any(ir.op_name(var2val[x]) != "relax.strided_slice" for x in slices):
         raise ir.NoMatch("the probabilities feed more than the global and band slices")

@@ -266,6 +266,41 @@ def test_longformer_band_and_global_queries_fuse():
     assert not [n for n in callees if n.startswith(("einsum", "pad"))], callees
 
 
+def test_longformer_without_global_tokens_fuses(tmp_path):
+    """HF Longformer called without a global mask (as LongformerModel is by default): the band alone (kind
+    sliding_window, two-sided), fused, equal to onnxruntime with random padding."""
+    import onnxruntime as ort
+    import torch
+
+    import llmcc
+
+    class BandOnly(torch.nn.Module):
+        def __init__(self, hf):
+            super().__init__()
+            self.hf = hf
+
+        def forward(self, input_ids, attention_mask):
+            return (self.hf(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state,)
+
+    model = BandOnly(zoo.torch_module("longformer").hf).eval()
+    feeds = zoo.sample_inputs("longformer", 128)
+    path = tmp_path / "band.onnx"
+    with torch.no_grad():
+        torch.onnx.export(model, tuple(torch.from_numpy(feeds[n]) for n in ("input_ids", "attention_mask")),
+                          str(path), dynamo=False, opset_version=17, input_names=["input_ids", "attention_mask"],
+                          output_names=["last_hidden_state"])
+    compiled = llmcc.compile(path)
+    (site,) = compiled.report["attention"]
+    assert site["kind"] == "sliding_window" and site["fused"] and site["kernel"] == "flash_attention_cpu"
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng()
+    for _ in range(2):
+        feeds["attention_mask"][:] = 1
+        feeds["attention_mask"][:, int(rng.integers(2, 129)):] = 0
+        ref = sess.run(None, feeds)[0]
+        assert np.abs(compiled(**feeds) - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
 @relax.expr_functor.mutator
 class _ChangeBinding(relax.PyExprMutator):
     """Rewrite the first binding ``pick`` selects with ``change``."""
