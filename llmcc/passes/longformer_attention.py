@@ -218,10 +218,10 @@ def _is_view(call) -> bool:
     return ir.op_name(call) in _VIEW_OPS or ir.callee(call).startswith("pad")
 
 
-def _view_sources(expr, var2val) -> set:
-    """The bindings ``expr`` is a view of: up through reshapes, permutes, slices, concats (every part), gathers and
-    pads to the first variable that another op computes (or a parameter)."""
-    sources, stack, seen = set(), [expr], set()
+def _view_walk(expr, var2val):
+    """Each variable ``expr`` is a view of, depth first from ``expr`` itself, up through reshapes, permutes, slices,
+    concats (every part), gathers and pads: (variable, True when another op computes it or it is a parameter)."""
+    stack, seen = [expr], set()
     while stack:
         e = stack.pop()
         if isinstance(e, relax.Tuple):
@@ -232,13 +232,19 @@ def _view_sources(expr, var2val) -> set:
         seen.add(e)
         val = var2val.get(e)
         if isinstance(val, relax.Var):
+            yield e, False
             stack.append(val)
         elif isinstance(val, relax.Call) and _is_view(val):
+            yield e, False
             first = val.args[1] if ir.callee(val) else val.args[0]
             stack.extend(first.fields if isinstance(first, relax.Tuple) else [first])
         else:
-            sources.add(e)
-    return sources
+            yield e, True
+
+
+def _view_sources(expr, var2val) -> set:
+    """The bindings ``expr`` is a view of: the first variables up its view chain that another op computes."""
+    return {e for e, computed in _view_walk(expr, var2val) if computed}
 
 
 def _products(expr, var2val) -> list:
@@ -407,24 +413,10 @@ def _zeroed_padding_rows(probs_var, var2val, consumers):
 
 def _bnsd_view(expr, var2val, b, h, s):
     """A [B, H, S, D] tensor that ``expr`` (chunks of q, k or v) is a view of: up through view ops, the first one."""
-    stack, seen = [expr], set()
-    while stack:
-        e = stack.pop()
-        if isinstance(e, relax.Tuple):
-            stack.extend(e.fields)
-            continue
-        if not isinstance(e, relax.Var) or e in seen:
-            continue
-        seen.add(e)
+    for e, _ in _view_walk(expr, var2val):
         shape = ir.shape(e)
         if shape is not None and len(shape) == 4 and all(ir.same_dim(x, y) for x, y in zip(shape[:3], (b, h, s))):
             return e
-        val = var2val.get(e)
-        if isinstance(val, relax.Var):
-            stack.append(val)
-        elif isinstance(val, relax.Call) and _is_view(val):
-            first = val.args[1] if ir.callee(val) else val.args[0]
-            stack.extend(first.fields if isinstance(first, relax.Tuple) else [first])
     raise ir.NoMatch("q, k or v is not a view of a [B, H, S, D] tensor")
 
 
