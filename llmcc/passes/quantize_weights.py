@@ -19,10 +19,18 @@ After (int4, group 32)::
 The kernel (``llmcc.kernels.dequant_matmul``) dequantizes in registers; the schedule rules tile it like a matmul.
 An embedding ``R.take(table, ids, axis=0)`` becomes ``dequant_take``: only the gathered rows are dequantized.
 
-w8a8 quantizes the activations first (``quantize_rows``) and sums int8 products in int32 (``int8_matmul``). On an
-AVX2 CPU a w8a8 GEMV (one row per batch element: decode) instead reads its weight pair-packed in panels,
-[N/chunk, K/2, chunk, 2] int8, in
-the hand-scheduled vpmaddwd kernel ``w8a8_gemv_avx2``; its rows are the activation's leading dims flattened::
+w8a8 quantizes the activations first (``quantize_rows``) and sums int8 products in int32 (``int8_matmul``).
+
+GEMVs on an AVX2 CPU (one row per batch element: decode) take hand-scheduled vpmaddwd kernels instead, with the
+weight packed in per-thread panels; their rows are the activation's leading dims flattened:
+
+- int8 and int4 (weight-only): ``int8_gemv_avx2`` / ``int4_gemv_avx2`` (``llmcc.kernels.dequant_gemv``), which
+  split each row of x into two int16 parts that hold it to float32 precision::
+
+    x2 = R.reshape(x, (batch, K))
+    y = R.reshape(R.call_tir(int8_gemv_avx2, (x2, q_pairs, s_w), R.Tensor((batch, N))), (batch, 1, N))
+
+- w8a8: ``w8a8_gemv_avx2`` (``llmcc.kernels.w8a8_matmul``) on the quantized rows::
 
     lv = R.call_te(quantize_rows, x)                                   # (q_x [batch, 1, K] int8, s_x [batch, 1, 1])
     q = R.reshape(lv[0], (batch, K)); s = R.reshape(lv[1], (batch, 1))
@@ -36,7 +44,7 @@ import tvm
 from tvm import relax
 
 from llmcc.kernels.dequant_matmul import dequant_matmul_te, dequant_take_te, quantize, stored_bytes
-from llmcc.kernels import w8a8_matmul
+from llmcc.kernels import dequant_gemv, w8a8_matmul
 from llmcc.kernels.w8a8_matmul import int8_matmul_te, quantize_rows_te
 from llmcc.passes import LlmccPass
 from llmcc.quant.gate import fingerprint
@@ -77,7 +85,7 @@ class QuantizeWeights(LlmccPass):
 
     def __init__(self, formats: dict, target=None) -> None:
         """``formats``: fingerprint -> (layer name, WeightFormat), as ``QuantPlan.formats()`` gives it; ``target``
-        (a TargetSpec) decides which w8a8 GEMV kernel a CPU gets."""
+        (a TargetSpec) decides whether a CPU's GEMVs take the AVX2 kernels."""
         super().__init__()
         self.formats = formats
         self.target = target
@@ -100,7 +108,7 @@ class _Rewriter(relax.PyExprMutator):
     def __init__(self, mod, formats, gemv_cores: int | None):
         super().__init__(mod)
         self.formats = formats
-        self.gemv_cores = gemv_cores  # the CPU's cores when it has AVX2 (the w8a8 GEMV kernel), else None
+        self.gemv_cores = gemv_cores  # the CPU's cores when it has AVX2 (the GEMV kernels), else None
         self.count = 0
         self.quantized: dict[str, int] = {}
         self._stored: dict[tuple, list] = {}  # (fingerprint, layout): the packed constants, however often used
@@ -116,53 +124,70 @@ class _Rewriter(relax.PyExprMutator):
         if kind == "take":
             return self.builder_.call_te(dequant_take_te(fmt), call.args[1], *self._store(key, weight, fmt),
                                          primfunc_name_hint=f"dequant_take_{fmt.tag}")
+        gemv = self._gemv(fmt, call.args[0].ty, weight.shape)
         if fmt.kind == "w8a8":
             rows = self.builder_.emit(self.builder_.call_te(quantize_rows_te, call.args[0],
                                                             primfunc_name_hint="quantize_rows"))
-            gemv = self._w8a8_gemv(call.args[0].ty, weight.shape)
             if gemv is not None:
-                kernel, chunk = gemv
-                return self._call_gemv(kernel, rows, call.args[0].ty, weight.shape[1],
-                                       self._store(key, weight, fmt, pair_chunk=chunk))
+                kernel, layout = gemv
+                return self._call_gemv(kernel, [relax.TupleGetItem(rows, 0), relax.TupleGetItem(rows, 1)],
+                                       call.args[0].ty, weight.shape[1], self._store(key, weight, fmt, layout))
             return self.builder_.call_te(int8_matmul_te, relax.TupleGetItem(rows, 0), relax.TupleGetItem(rows, 1),
                                          *self._store(key, weight, fmt), primfunc_name_hint="int8_matmul")
+        if gemv is not None:
+            kernel, layout = gemv
+            return self._call_gemv(kernel, [call.args[0]], call.args[0].ty, weight.shape[1],
+                                   self._store(key, weight, fmt, layout))
         return self.builder_.call_te(dequant_matmul_te(fmt), call.args[0], *self._store(key, weight, fmt),
                                      primfunc_name_hint=f"dequant_matmul_{fmt.tag}")
 
-    def _store(self, key, weight, fmt, pair_chunk: int = 0) -> list:
-        """The weight's packed constants (a tied embedding and output head share one set; the pair-packed panels of
-        the w8a8 GEMV are a set of their own, counted in the weight's stored bytes too)."""
-        if (key, pair_chunk) not in self._stored:
+    def _store(self, key, weight, fmt, gemv_chunk: int = 0) -> list:
+        """The weight's packed constants (a tied embedding and output head share one set; a GEMV kernel's panels
+        are a set of their own, counted in the weight's stored bytes too)."""
+        if (key, gemv_chunk) not in self._stored:
             arrays = quantize(weight, fmt)
-            if pair_chunk:
-                arrays = [w8a8_matmul.pack_pairs(arrays[0], pair_chunk)] + list(arrays[1:])
-            self._stored[key, pair_chunk] = [relax.const(np.ascontiguousarray(a)) for a in arrays]
+            if gemv_chunk and fmt.kind == "w8a8":
+                arrays = [w8a8_matmul.pack_pairs(arrays[0], gemv_chunk)] + list(arrays[1:])
+            elif gemv_chunk:
+                arrays = dequant_gemv.gemv_weights(arrays, fmt, gemv_chunk)
+            self._stored[key, gemv_chunk] = [relax.const(np.ascontiguousarray(a)) for a in arrays]
             self.quantized[key] = self.quantized.get(key, 0) + stored_bytes(arrays)
-        return self._stored[key, pair_chunk]
+        return self._stored[key, gemv_chunk]
 
-    def _w8a8_gemv(self, x_ty, weight_shape):
-        """(the pair-packed GEMV kernel's GlobalVar, its chunk) for x [..., K] @ W [K, N], when the target has AVX2
-        and every leading dim of x is 1 or a batch size; else None."""
+    def _gemv(self, fmt, x_ty, weight_shape):
+        """(the GEMV kernel's GlobalVar, its panel width) for x [..., K] @ W [K, N] in ``fmt``, when the target has
+        AVX2, every leading dim of x is 1 or a batch size and the kernel tiles [K, N]; else None."""
         if self.gemv_cores is None or not all(_one_row_per_batch(d) for d in x_ty.shape.values[:-1]):
             return None
         k, n = weight_shape
-        chunk = w8a8_matmul.gemv_pairs_chunk(n, self.gemv_cores)
-        if chunk is None or w8a8_matmul.gemv_pairs_check(k, n, chunk):
+        if fmt.kind == "w8a8":
+            chunk = w8a8_matmul.gemv_pairs_chunk(n, self.gemv_cores)
+            if chunk is None or w8a8_matmul.gemv_pairs_check(k, n, chunk):
+                return None
+            build, name, tiles = (lambda: w8a8_matmul.gemv_pairs_avx2(k, n, chunk)), "w8a8_gemv_avx2", (chunk,)
+        elif fmt.kind in ("int8", "int4"):
+            tiles = dequant_gemv.gemv_tiles(fmt, n, self.gemv_cores)
+            if tiles is None or dequant_gemv.gemv_check(fmt, k, n, tiles[0]):
+                return None
+            build = lambda: dequant_gemv.dequant_gemv_avx2(fmt, k, n, *tiles)  # noqa: E731
+            name = f"{fmt.kind}_gemv_avx2"
+        else:
             return None
-        if (k, n, chunk) not in self._gemv_kernels:
-            func = w8a8_matmul.gemv_pairs_avx2(k, n, chunk)
-            self._gemv_kernels[k, n, chunk] = self.builder_.add_func(func, "w8a8_gemv_avx2")
-        return self._gemv_kernels[k, n, chunk], chunk
+        if (fmt, k, n, tiles) not in self._gemv_kernels:
+            self._gemv_kernels[fmt, k, n, tiles] = self.builder_.add_func(build(), name)
+        return self._gemv_kernels[fmt, k, n, tiles], tiles[0]
 
-    def _call_gemv(self, gemv, rows, x_ty, n, stored):
-        lead, k = x_ty.shape.values[:-1], x_ty.shape.values[-1]
+    def _call_gemv(self, gemv, inputs, x_ty, n, stored):
+        """Call ``gemv`` on ``inputs`` (each [..., last]) flattened to rows, and give its [rows, N] result back the
+        activation's leading dims."""
+        lead = x_ty.shape.values[:-1]
         count = 1
         for d in lead:
             count = count * d
         b = self.builder_
-        q = b.emit(relax.op.reshape(relax.TupleGetItem(rows, 0), relax.ShapeExpr([count, k])))
-        s = b.emit(relax.op.reshape(relax.TupleGetItem(rows, 1), relax.ShapeExpr([count, 1])))
-        y = b.emit(relax.call_tir(gemv, relax.Tuple([q, s, *stored]), relax.TensorType([count, n], "float32")))
+        rows = [b.emit(relax.op.reshape(v, relax.ShapeExpr([count, b.normalize(v).ty.shape.values[-1]])))
+                for v in inputs]
+        y = b.emit(relax.call_tir(gemv, relax.Tuple([*rows, *stored]), relax.TensorType([count, n], "float32")))
         return relax.op.reshape(y, relax.ShapeExpr(list(lead) + [n]))
 
 
@@ -171,7 +196,7 @@ def _one_row_per_batch(dim) -> bool:
 
 
 def _gemv_chunk_cores(target) -> int | None:
-    """The CPU's core count when the w8a8 GEMV kernel runs on it (AVX2), else None."""
+    """The CPU's core count when the GEMV kernels run on it (AVX2), else None."""
     if target is None or target.is_gpu:
         return None
     model = target.model()

@@ -27,8 +27,8 @@ def _module(w_planned, w_other, reuse=False):
     return bb.get()
 
 
-def _run(mod, x):
-    ex = tvm.compile(mod, target="llvm")
+def _run(mod, x, target="llvm"):
+    ex = tvm.compile(mod, target=target)
     return relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
 
 
@@ -115,3 +115,40 @@ def _consts(mod):
     relax.analysis.post_order_visit(mod["main"].body, lambda e: found.append(e) if isinstance(
         e, tvm.ir.GenericConst) else None)
     return found
+
+
+def test_weight_only_gemv_takes_the_integer_kernel_only_where_it_applies():
+    """int8 and int4 GEMVs on an AVX2 CPU take llmcc.kernels.dequant_gemv with its panels; a sequence of rows, a CPU
+    without AVX2, CUDA, and an int4 weight whose N is not a multiple of 16 keep dequant_matmul. Where the GEMV
+    runs, the module still computes x @ dequantize(W)."""
+    from llmcc.kernels import dequant_gemv
+    from llmcc.targets import TargetSpec, host_cpu, resolve
+
+    rng = np.random.default_rng()
+    batch, seq = tvm.tirx.Var("batch", "int64"), tvm.tirx.Var("sequence", "int64")
+    sse = TargetSpec("cpu", "llvm", mcpu="x86-64")
+    for fmt in (WeightFormat("int8"), WeightFormat("int4", 32, False)):
+        w = rng.standard_normal((64, 32)).astype("float32")
+        plan = {fingerprint(w): ("proj", fmt)}
+        narrow = rng.standard_normal((64, 40)).astype("float32")
+        cases = [(w, [batch, 1], host_cpu(), True), (w, [1, 1], host_cpu(), True),
+                 (w, [batch, seq], host_cpu(), False), (w, [batch, 1], sse, False),
+                 (w, [batch, 1], resolve("cuda:sm_80"), False),
+                 (narrow, [batch, 1], host_cpu(), fmt.kind == "int8")]
+        for weight, dims, target, gemv in cases:
+            if gemv and not target.model().int16_madd:
+                continue
+            p = QuantizeWeights({fingerprint(weight): ("proj", fmt)}, target)
+            after = p(_w8a8_module(weight, dims))
+            where = f"{fmt.tag} {weight.shape} {dims} on {target.name} ({target.mcpu})"
+            assert (_calls(after, f"{fmt.kind}_gemv_avx2"), _calls(after, "dequant_matmul")) == \
+                ((1, 0) if gemv else (0, 1)), where
+            if gemv and weight is w and dims[0] is batch:
+                chunk = dequant_gemv.gemv_tiles(fmt, 32, target.model().cores)[0]
+                assert p.quantized[fingerprint(w)] == sum(a.nbytes for a in dequant_gemv.gemv_weights(
+                    quantize(w, fmt), fmt, chunk)), where
+                x = rng.standard_normal((3, 1, 64)).astype("float32")
+                want = dequant_matmul_reference(x, quantize(w, fmt), fmt)
+                np.testing.assert_allclose(_run(after, x, target.tvm_target()), want, rtol=1e-5, atol=1e-5,
+                                           err_msg=where)
+        assert plan  # the plan above names w: the cases that must not fire had it too

@@ -1,0 +1,314 @@
+"""Weight-only int8 and int4 GEMV for AVX2 CPUs: integer products, activations kept to float32 precision.
+
+A decode step's matmuls are GEMVs, bound by reading the weight, if the arithmetic keeps up. Dequantizing each
+weight to float32 does not here: widen, convert and FMA is 3 vector ops per 8 weights, and this kernel's
+predecessor (the rule-scheduled ``dequant_matmul``) read 18 GB/s of int8 weights where memory gives 40. AVX2's
+``vpmaddwd`` multiplies 16 int16 pairs and adds each pair into an int32, exactly: 16 products per op. So each row of
+activations is split, per row, into two int16 parts,
+
+    s = max|x| / 32767        x / s = hi + lo / 32768        |hi| <= 32767, |lo| <= 16384       (split_rows)
+
+which hold x / s (rounded to float32 first: 2^-24 of max|x|) to within 2^-16 of a step (2^-31 of max|x|): the
+scheme stays weight-only, and the kernel agrees with ``x @ dequantize(W)`` to float32 rounding. Both parts multiply the same
+widened weight vector; the int32 sums are moved into float32 before they can overflow:
+
+    y[n] = s * sum_blocks (float(sum hi * q) + float(sum lo * q) / 32768) * scale          (int8: per channel)
+
+int8: the weight is the w8a8 GEMV's pair-packed panels (``w8a8_matmul.pack_pairs``), [N/chunk, K/2, chunk, 2]; one
+16-byte load widened by ``vpmovsxbw`` is 8 outputs x 2 k steps. Blocks of 256 k pairs: 256 * 2 * 32767 * 127 < 2^31.
+
+int4: two nibbles per byte, [N/chunk, K/2, chunk/16, 16] uint8, byte 2j+e of a 16-byte group holding
+k = 2kk+e of column j (low nibble) and of column 8+j (high nibble); ``vpmovzxbw`` then ``& 15`` and ``>> 4`` give the
+two 8-column pair vectors. A block is one quantization group (G/2 pairs); its zero point comes off exactly in
+int32 through the group's sums of hi and lo: sum (q - z) * hi = sum q * hi - z * sum hi.
+
+Every parallel task owns a contiguous run of panels and splits each row once. Sections: the numpy reference, the
+layouts, the TIR kernels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from llmcc.kernels.dequant_matmul import INT4_PER_WORD, WeightFormat, dequantize
+from llmcc.kernels.w8a8_matmul import pack_pairs, unpack_pairs
+
+HI_MAX = 32767.0
+LO_SCALE = 32768.0         # lo counts 2^-15 steps of hi
+TINY = 1e-30               # an all-zero row splits into zeros instead of dividing by zero
+LANES = 8                  # int32 (and float32) outputs per vpmaddwd
+INT8_BLOCK_PAIRS = 256     # k pairs summed in int32 before the move to float32 (no overflow, see above)
+
+
+# ----------------------------------------------------------------------------------------- reference (numpy)
+
+
+def split_rows_reference(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """x[rows, K] float32 -> (hi, lo) int16 [rows, K] and s [rows, 1] float32, as the kernel splits it."""
+    x = np.asarray(x, np.float32)
+    s = np.maximum(np.abs(x).max(axis=-1, keepdims=True) / np.float32(HI_MAX), np.float32(TINY)).astype(np.float32)
+    v = (x / s).astype(np.float32)
+    hi = np.round(v)
+    lo = np.round((v - hi) * np.float32(LO_SCALE))
+    return hi.astype(np.int16), lo.astype(np.int16), s
+
+
+def dequant_gemv_reference(x: np.ndarray, arrays: list[np.ndarray], fmt: WeightFormat) -> np.ndarray:
+    """The plain result the kernel must match to float32 rounding: x @ dequantize(W) (``arrays`` as
+    ``dequant_matmul.quantize`` stores them)."""
+    return np.asarray(x, np.float32) @ dequantize(arrays, fmt)
+
+
+# ----------------------------------------------------------------------------------------- layouts
+
+
+def pack_nibble_pairs(packed: np.ndarray, chunk: int) -> np.ndarray:
+    """int4 words q[K/8, N] uint32 (``dequant_matmul``'s layout) -> [N/chunk, K/2, chunk/16, 16] uint8."""
+    k8, n = packed.shape
+    nibbles = np.stack([(packed >> np.uint32(4 * i)) & np.uint32(15) for i in range(INT4_PER_WORD)], axis=1)
+    q = nibbles.reshape(k8 * INT4_PER_WORD // 2, 2, n // chunk, chunk // 16, 2, 8).astype(np.uint8)
+    # axes: kk, e, panel, group, half (low / high nibble), j -> panel, kk, group, j, e with half as the nibble
+    q = q.transpose(2, 0, 3, 4, 5, 1)
+    return np.ascontiguousarray(q[:, :, :, 0] | (q[:, :, :, 1] << np.uint8(4))).reshape(
+        n // chunk, k8 * INT4_PER_WORD // 2, chunk // 16, 16)
+
+
+def unpack_nibble_pairs(pairs: np.ndarray) -> np.ndarray:
+    """The inverse of ``pack_nibble_pairs``: the nibbles q[K, N] as uint8."""
+    panels, k2, groups, _ = pairs.shape
+    b = pairs.reshape(panels, k2, groups, 8, 2)
+    q = np.stack([b & np.uint8(15), b >> np.uint8(4)], axis=3)           # panel, kk, group, half, j, e
+    return np.ascontiguousarray(q.transpose(1, 5, 0, 2, 3, 4)).reshape(2 * k2, panels * groups * 16)
+
+
+def gemv_check(fmt: WeightFormat, k: int, n: int, chunk: int) -> str | None:
+    """Why a [k, n] weight in ``fmt`` cannot take the GEMV with ``chunk`` outputs per panel, or None."""
+    if fmt.kind not in ("int8", "int4"):
+        return f"{fmt.kind} weights have no integer GEMV"
+    if k % 2:
+        return f"K={k} is odd"
+    step = 16 if fmt.kind == "int4" else LANES
+    if chunk % step or n % chunk:
+        return f"N={n} is not a multiple of the {chunk}-output chunk (a multiple of {step})"
+    if fmt.kind == "int4" and (fmt.group_size % 2 or k % fmt.group_size):
+        return f"K={k} is not a multiple of the group size {fmt.group_size}"
+    return None
+
+
+def gemv_tiles(fmt: WeightFormat, n: int, cores: int) -> tuple[int, int] | None:
+    """(chunk, tasks): outputs per panel and parallel tasks. 32 outputs are 4 vectors, each with a hi and a lo
+    accumulator: 8 of the 16 AVX2 registers, with room for the weight and the two broadcast activations; fewer when
+    N is narrow. Tasks: the fewest runs of whole panels that give every core one (each task splits every row once)."""
+    for chunk in ((32, 16) if fmt.kind == "int4" else (32, 16, 8)):
+        if n % chunk == 0:
+            panels = n // chunk
+            tasks = next((t for t in range(min(cores, panels), panels + 1) if panels % t == 0), panels)
+            return chunk, tasks
+    return None
+
+
+def gemv_weights(arrays: list[np.ndarray], fmt: WeightFormat, chunk: int) -> list[np.ndarray]:
+    """The kernel's weight inputs from ``dequant_matmul.quantize``'s arrays: the packed panels, then the scales (and
+    the int4 zero points)."""
+    if fmt.kind == "int8":
+        return [pack_pairs(arrays[0], chunk)] + list(arrays[1:])
+    return [pack_nibble_pairs(arrays[0], chunk)] + list(arrays[1:])
+
+
+def gemv_weight_matrix(panels: np.ndarray, fmt: WeightFormat) -> np.ndarray:
+    """The integer weight q[K, N] a packed panel array holds (for tests)."""
+    return unpack_pairs(panels) if fmt.kind == "int8" else unpack_nibble_pairs(panels)
+
+
+# ----------------------------------------------------------------------------------------- kernels (TIR)
+
+
+def _madd(w_pairs, x_pairs):
+    from tvm.script import tirx as T
+
+    return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), w_pairs, x_pairs,
+                                   dtype="int32x8")
+
+
+def dequant_gemv_avx2(fmt: WeightFormat, k: int, n: int, chunk: int, tasks: int):
+    """The TIR kernel ``(x[rows, K] float32, panels, scale[, zero]) -> y[rows, N] float32``, rows symbolic,
+    parallel over ``tasks`` runs of panels; for targets with AVX2."""
+    problem = gemv_check(fmt, k, n, chunk)
+    if problem:
+        raise ValueError(f"dequant GEMV: {problem}")
+    panels = n // chunk
+    if panels % tasks:
+        raise ValueError(f"dequant GEMV: {panels} panels do not split into {tasks} tasks")
+    if fmt.kind == "int8":
+        return _int8_gemv(k, n, chunk, tasks)
+    return _int4_gemv(k, n, chunk, tasks, fmt.group_size, fmt.symmetric)
+
+
+def _split_row(T):
+    """The TVMScript macro that splits row m of x into pair-packed (hi, lo) int16 words and its scale."""
+
+    @T.macro
+    def split_row(x, m, k, x_hi, x_lo, scale):
+        scale[0] = T.float32(0)
+        for i in range(k):
+            scale[0] = T.max(scale[0], T.fabs(x[m, i]))
+        scale[0] = T.max(scale[0] / T.float32(HI_MAX), T.float32(TINY))
+        for kk in range(k // 2):
+            v0 = x[m, 2 * kk] / scale[0]
+            v1 = x[m, 2 * kk + 1] / scale[0]
+            h0 = T.nearbyint(v0)
+            h1 = T.nearbyint(v1)
+            l0 = T.nearbyint((v0 - h0) * T.float32(LO_SCALE))
+            l1 = T.nearbyint((v1 - h1) * T.float32(LO_SCALE))
+            x_hi[kk] = T.bitwise_or(T.bitwise_and(T.Cast("int32", h0), 0xFFFF), T.shift_left(T.Cast("int32", h1), 16))
+            x_lo[kk] = T.bitwise_or(T.bitwise_and(T.Cast("int32", l0), 0xFFFF), T.shift_left(T.Cast("int32", l1), 16))
+
+    return split_row
+
+
+def _int8_gemv(k: int, n: int, chunk: int, tasks: int):
+    from tvm.script import tirx as T
+
+    k2, vectors, panels = k // 2, chunk // LANES, n // chunk
+    per_task, block = panels // tasks, INT8_BLOCK_PAIRS
+    blocks = -(-k2 // block)
+    split_row = _split_row(T)
+
+    @T.prim_func(private=True)
+    def int8_gemv_avx2(a: T.handle, q_pairs: T.Buffer((panels, k2, chunk, 2), "int8"),
+                       s_w: T.Buffer((n,), "float32"), y_handle: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        rows = T.int64()
+        x = T.match_buffer(a, (rows, k), "float32")
+        y = T.match_buffer(y_handle, (rows, n), "float32")
+        w = T.decl_buffer((panels * k2 * chunk * 2,), "int8", data=q_pairs.data)
+        for t in T.parallel(tasks):
+            x_hi = T.decl_buffer((k2,), "int32")
+            x_lo = T.decl_buffer((k2,), "int32")
+            scale = T.decl_buffer((1,), "float32")
+            acc_hi = T.decl_buffer((chunk,), "int32")
+            acc_lo = T.decl_buffer((chunk,), "int32")
+            acc = T.decl_buffer((chunk,), "float32")
+            for m in range(rows):
+                split_row(x, m, k, x_hi, x_lo, scale)
+                for p in range(per_task):
+                    for v in range(vectors):
+                        acc[T.ramp(v * LANES, 1, LANES)] = T.broadcast(T.float32(0), LANES)
+                    for b in range(blocks):
+                        for v in range(vectors):
+                            acc_hi[T.ramp(v * LANES, 1, LANES)] = T.broadcast(T.int32(0), LANES)
+                            acc_lo[T.ramp(v * LANES, 1, LANES)] = T.broadcast(T.int32(0), LANES)
+                        for kk in range(b * block, T.min(k2, b * block + block)):
+                            xh = T.reinterpret(T.broadcast(x_hi[kk], LANES), dtype="int16x16")
+                            xl = T.reinterpret(T.broadcast(x_lo[kk], LANES), dtype="int16x16")
+                            for v in T.unroll(vectors):
+                                wv = T.Cast("int16x16", w[T.ramp((((t * per_task + p) * k2 + kk) * chunk
+                                                                  + v * LANES) * 2, 1, 16)])
+                                acc_hi[T.ramp(v * LANES, 1, LANES)] = acc_hi[T.ramp(v * LANES, 1, LANES)] + _madd(wv, xh)
+                                acc_lo[T.ramp(v * LANES, 1, LANES)] = acc_lo[T.ramp(v * LANES, 1, LANES)] + _madd(wv, xl)
+                        for v in T.unroll(vectors):
+                            acc[T.ramp(v * LANES, 1, LANES)] = (
+                                acc[T.ramp(v * LANES, 1, LANES)]
+                                + T.Cast("float32x8", acc_hi[T.ramp(v * LANES, 1, LANES)])
+                                + T.Cast("float32x8", acc_lo[T.ramp(v * LANES, 1, LANES)])
+                                * T.broadcast(T.float32(1.0 / LO_SCALE), LANES))
+                    for j in range(chunk):
+                        col = (t * per_task + p) * chunk + j
+                        y[m, col] = acc[j] * scale[0] * s_w[col]
+
+    return int8_gemv_avx2
+
+
+def _int4_gemv(k: int, n: int, chunk: int, tasks: int, group: int, symmetric: bool):
+    from tvm.script import tirx as T
+
+    k2, vectors, panels, nibble_groups = k // 2, chunk // LANES, n // chunk, chunk // 16
+    per_task, group_pairs, n_groups = panels // tasks, group // 2, k // group
+    split_row = _split_row(T)
+
+    def zero_point(zero, g, col):
+        """The group's zero points of 8 columns as int32 lanes (symmetric: the stored offset 8)."""
+        if zero is None:
+            return T.broadcast(T.int32(8), LANES)
+        return T.Cast("int32x8", zero[g, T.ramp(col, 1, LANES)])
+
+    @T.macro
+    def int4_rows(x, y, w, s_w, zero, rows):
+        for t in T.parallel(tasks):
+            x_hi = T.decl_buffer((k2,), "int32")
+            x_lo = T.decl_buffer((k2,), "int32")
+            sum_hi = T.decl_buffer((n_groups,), "int32")
+            sum_lo = T.decl_buffer((n_groups,), "int32")
+            scale = T.decl_buffer((1,), "float32")
+            acc_hi = T.decl_buffer((chunk,), "int32")
+            acc_lo = T.decl_buffer((chunk,), "int32")
+            acc = T.decl_buffer((chunk,), "float32")
+            for m in range(rows):
+                split_row(x, m, k, x_hi, x_lo, scale)
+                for g in range(n_groups):
+                    sum_hi[g] = 0
+                    sum_lo[g] = 0
+                    for kk in range(g * group_pairs, g * group_pairs + group_pairs):
+                        sum_hi[g] = sum_hi[g] + T.shift_right(T.shift_left(x_hi[kk], 16), 16) \
+                            + T.shift_right(x_hi[kk], 16)
+                        sum_lo[g] = sum_lo[g] + T.shift_right(T.shift_left(x_lo[kk], 16), 16) \
+                            + T.shift_right(x_lo[kk], 16)
+                for p in range(per_task):
+                    for v in range(vectors):
+                        acc[T.ramp(v * LANES, 1, LANES)] = T.broadcast(T.float32(0), LANES)
+                    for g in range(n_groups):
+                        for v in range(vectors):
+                            acc_hi[T.ramp(v * LANES, 1, LANES)] = T.broadcast(T.int32(0), LANES)
+                            acc_lo[T.ramp(v * LANES, 1, LANES)] = T.broadcast(T.int32(0), LANES)
+                        for kk in range(g * group_pairs, g * group_pairs + group_pairs):
+                            xh = T.reinterpret(T.broadcast(x_hi[kk], LANES), dtype="int16x16")
+                            xl = T.reinterpret(T.broadcast(x_lo[kk], LANES), dtype="int16x16")
+                            for ng in T.unroll(nibble_groups):
+                                wv = T.Cast("int16x16", w[T.ramp((((t * per_task + p) * k2 + kk) * nibble_groups
+                                                                  + ng) * 16, 1, 16)])
+                                w_lo = T.bitwise_and(wv, T.broadcast(T.int16(15), 16))
+                                w_hi = T.shift_right(wv, T.broadcast(T.int16(4), 16))
+                                acc_hi[T.ramp(ng * 16, 1, LANES)] = acc_hi[T.ramp(ng * 16, 1, LANES)] + _madd(w_lo, xh)
+                                acc_lo[T.ramp(ng * 16, 1, LANES)] = acc_lo[T.ramp(ng * 16, 1, LANES)] + _madd(w_lo, xl)
+                                acc_hi[T.ramp(ng * 16 + LANES, 1, LANES)] = \
+                                    acc_hi[T.ramp(ng * 16 + LANES, 1, LANES)] + _madd(w_hi, xh)
+                                acc_lo[T.ramp(ng * 16 + LANES, 1, LANES)] = \
+                                    acc_lo[T.ramp(ng * 16 + LANES, 1, LANES)] + _madd(w_hi, xl)
+                        for v in T.unroll(vectors):
+                            col = (t * per_task + p) * chunk + v * LANES
+                            z = zero_point(zero, g, col)
+                            acc[T.ramp(v * LANES, 1, LANES)] = acc[T.ramp(v * LANES, 1, LANES)] + s_w[
+                                g, T.ramp(col, 1, LANES)] * (
+                                T.Cast("float32x8", acc_hi[T.ramp(v * LANES, 1, LANES)]
+                                       - z * T.broadcast(sum_hi[g], LANES))
+                                + T.Cast("float32x8", acc_lo[T.ramp(v * LANES, 1, LANES)]
+                                         - z * T.broadcast(sum_lo[g], LANES))
+                                * T.broadcast(T.float32(1.0 / LO_SCALE), LANES))
+                    for j in range(chunk):
+                        y[m, (t * per_task + p) * chunk + j] = acc[j] * scale[0]
+
+    if symmetric:
+        @T.prim_func(private=True)
+        def int4_gemv_avx2(a: T.handle, q_nibbles: T.Buffer((panels, k2, nibble_groups, 16), "uint8"),
+                           s_w: T.Buffer((n_groups, n), "float32"), y_handle: T.handle):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            rows = T.int64()
+            x = T.match_buffer(a, (rows, k), "float32")
+            y = T.match_buffer(y_handle, (rows, n), "float32")
+            w = T.decl_buffer((panels * k2 * chunk,), "uint8", data=q_nibbles.data)
+            int4_rows(x, y, w, s_w, None, rows)
+
+        return int4_gemv_avx2
+
+    @T.prim_func(private=True)
+    def int4_gemv_avx2(a: T.handle, q_nibbles: T.Buffer((panels, k2, nibble_groups, 16), "uint8"),
+                       s_w: T.Buffer((n_groups, n), "float32"), zero: T.Buffer((n_groups, n), "float32"),
+                       y_handle: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        rows = T.int64()
+        x = T.match_buffer(a, (rows, k), "float32")
+        y = T.match_buffer(y_handle, (rows, n), "float32")
+        w = T.decl_buffer((panels * k2 * chunk,), "uint8", data=q_nibbles.data)
+        int4_rows(x, y, w, s_w, zero, rows)
+
+    return int4_gemv_avx2

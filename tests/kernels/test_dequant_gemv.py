@@ -1,0 +1,97 @@
+"""The weight-only int8 / int4 GEMV for AVX2 CPUs (llmcc.kernels.dequant_gemv) vs x @ dequantize(W) in float64."""
+
+import numpy as np
+import pytest
+import tvm
+
+from llmcc.kernels import dequant_gemv as dg
+from llmcc.kernels.dequant_matmul import WeightFormat, dequantize, quantize
+from llmcc.targets import resolve
+
+AVX2 = resolve("cpu").model().int16_madd
+FORMATS = [WeightFormat("int8"), WeightFormat("int4", 32, True), WeightFormat("int4", 32, False),
+           WeightFormat("int4", 128, True), WeightFormat("int4", 128, False)]
+# The kernel's activations hold x to max|x| * 4.7e-10 and its sums are exact in int32: what is left is float32
+# rounding of the block sums and of x / s, well under 1e-6 relative on outputs of these sizes
+REL_TOL = 1e-6
+
+
+def _random_x(rng, rows, k):
+    x = rng.standard_normal((rows, k)) * rng.uniform(0.1, 10)
+    x[:, rng.integers(0, k)] *= 50.0  # an outlier channel: the split's scale follows the row maximum
+    x = x.astype(np.float32)
+    if rows > 1:
+        x[1] = 0.0  # an all-zero row gives zeros, not NaN
+    return x
+
+
+def _build(fmt, k, n, chunk, tasks):
+    func = dg.dequant_gemv_avx2(fmt, k, n, chunk, tasks).with_attr("global_symbol", "main")
+    return tvm.tirx.build(func, target=resolve("cpu").tvm_target())
+
+
+@pytest.mark.skipif(not AVX2, reason="needs AVX2")
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.tag)
+@pytest.mark.parametrize("rows", [1, 3])
+def test_gemv_matches_float64_reference(fmt, rows, seed):
+    rng = np.random.default_rng(seed)
+    group = fmt.group_size or 2
+    # K past one int8 block (256 k pairs) in some draws, so block sums are moved to float32 more than once
+    k = group * int(rng.integers(1, 1200 // group + 1)) if fmt.kind == "int4" else 2 * int(rng.integers(1, 700))
+    n = 16 * int(rng.integers(1, 20)) if fmt.kind == "int4" else 8 * int(rng.integers(1, 40))
+    cores = int(rng.integers(1, 9))
+    chunk, tasks = dg.gemv_tiles(fmt, n, cores)
+    arrays = quantize(rng.standard_normal((k, n)).astype(np.float32), fmt)
+    stored = dg.gemv_weights(arrays, fmt, chunk)
+    x = _random_x(rng, rows, k)
+    y = tvm.runtime.tensor(np.zeros((rows, n), np.float32))
+    _build(fmt, k, n, chunk, tasks)["main"](*[tvm.runtime.tensor(a) for a in [x, *stored]], y)
+    want = x.astype(np.float64) @ dequantize(arrays, fmt).astype(np.float64)
+    got = y.numpy()
+    rel = np.linalg.norm(got - want) / np.linalg.norm(want)
+    where = f"seed {seed}: {fmt.tag} k {k} n {n} chunk {chunk} tasks {tasks}"
+    assert rel <= REL_TOL, f"{where}: rel err {rel:.2e}"
+    if rows > 1:
+        assert np.all(got[1] == 0), where
+
+
+@pytest.mark.parametrize("fmt", FORMATS[:3], ids=lambda f: f.tag)
+def test_layouts_round_trip(fmt, seed):
+    rng = np.random.default_rng(seed)
+    k, n = 64 * int(rng.integers(1, 4)), 32 * int(rng.integers(1, 4))
+    arrays = quantize(rng.standard_normal((k, n)).astype(np.float32), fmt)
+    chunk = int(rng.choice([16, 32]))
+    panels = dg.gemv_weights(arrays, fmt, chunk)[0]
+    if fmt.kind == "int8":
+        want = arrays[0]
+    else:  # dequant_matmul's nibbles, unpacked from its uint32 words
+        want = np.stack([(arrays[0] >> np.uint32(4 * i)) & np.uint32(15) for i in range(8)], axis=1).reshape(k, n)
+    assert np.array_equal(dg.gemv_weight_matrix(panels, fmt).astype(np.int64), want.astype(np.int64))
+    assert panels.nbytes == (k * n if fmt.kind == "int8" else k * n // 2)  # packing adds no byte
+
+
+def test_split_rows_holds_float32_precision(seed):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((4, 300)) * np.exp(rng.uniform(-8, 8, (4, 1)))).astype(np.float32)
+    hi, lo, s = dg.split_rows_reference(x)
+    assert np.abs(hi).max() <= 32767 and np.abs(lo).max() <= 16384
+    back = s.astype(np.float64) * (hi + lo / 32768.0)
+    # x / s rounds in float32 (2^-24 of max|x|); hi + lo / 32768 then holds it to s * 2^-16 (2^-31 of max|x|)
+    assert np.all(np.abs(back - x) <= np.abs(x).max(axis=1, keepdims=True) * 2.0 ** -23), f"seed {seed}"
+
+
+def test_refuses_what_it_cannot_tile():
+    int4 = WeightFormat("int4", 32)
+    assert dg.gemv_check(WeightFormat("int8"), 63, 64, 32) == "K=63 is odd"
+    assert "multiple of the 32-output chunk" in dg.gemv_check(WeightFormat("int8"), 64, 72, 32)
+    assert "a multiple of 16" in dg.gemv_check(int4, 64, 72, 8)
+    assert "group size 32" in dg.gemv_check(int4, 48, 64, 32)
+    assert "no integer GEMV" in dg.gemv_check(WeightFormat("fp16"), 64, 64, 32)
+    assert dg.gemv_tiles(int4, 40, 2) is None  # N not a multiple of 16: the int4 kernel does not apply
+    assert dg.gemv_tiles(WeightFormat("int8"), 40, 2) == (8, 5)
+    assert dg.gemv_tiles(WeightFormat("int8"), 4096, 2) == (32, 2)
+    assert dg.gemv_tiles(WeightFormat("int8"), 96, 2) == (32, 3)  # 3 panels: one task each
+    with pytest.raises(ValueError, match="dequant GEMV: K=63 is odd"):
+        dg.dequant_gemv_avx2(WeightFormat("int8"), 63, 64, 32, 2)
+    with pytest.raises(ValueError, match="do not split into 3 tasks"):
+        dg.dequant_gemv_avx2(WeightFormat("int8"), 64, 64, 32, 3)
