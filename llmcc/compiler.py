@@ -17,6 +17,7 @@ from llmcc.errors import BuildFailure, LlmccError, VerificationFailure
 from llmcc.frontend import onnx_import
 from llmcc.inputs import index_bounds
 from llmcc.module import CompiledModule
+from llmcc.passes.select_gemv_kernels import is_dequant_matmul
 from llmcc.quant import gate
 from llmcc.quant import get as quant_scheme
 from llmcc.targets import resolve
@@ -133,7 +134,7 @@ def _compile(model, *, target, quant, max_error, calib, quantize_head, quantize_
         "target_detail": spec.to_json(),
         "quant": {**(gate.report(plan, None, result.quantized) if plan else {"scheme": "none"}),
                   # counts the kernels of imported quantized weights (MatMulNBits, QDQ) too
-                  "dequantize_matmul_kernels": sum("dequant_matmul" in k["name"] for k in result.kernels)},
+                  "dequantize_matmul_kernels": sum(is_dequant_matmul(k["name"]) for k in result.kernels)},
         "lora": {"adapters": lora_report},
         "inputs": [s.to_json() for s in inputs],
         "outputs": [s.to_json() for s in outputs],

@@ -3,7 +3,8 @@
     graph     llmcc's graph passes on the imported Relax (LoRA branches folded, QDQ weights kept int8, attention
               fusion)
     quantize  matmul weights packed to the accuracy gate's plan, dequantization fused into the matmul
-    weights   CPU matmul weights packed into the kernel's panels; weights become parameters, stored beside the library
+    weights   decode GEMVs on int8 / int4 weights take the AVX2 integer GEMV (CPU); CPU matmul weights packed into the
+              kernel's panels; weights become parameters, stored beside the library
     lower     ops become TIR PrimFuncs, fused
     schedule  tuned schedules from a tuning database (llmcc.tuning) where one matches the target (a kernel with a
               symbolic length: its tuned length buckets, dispatched at run time), then schedule rules from
@@ -36,6 +37,7 @@ from llmcc.passes.fuse_dequantize_matmul import FuseDequantizeMatmul
 from llmcc.passes.lift_weights import LiftWeights
 from llmcc.passes.pack_matmul_weights import PackMatmulWeights
 from llmcc.passes.quantize_weights import QuantizeWeights
+from llmcc.passes.select_gemv_kernels import SelectGemvKernels
 from llmcc.targets import TargetSpec
 
 log = logging.getLogger("llmcc")
@@ -140,7 +142,7 @@ def quantize_phase(target: TargetSpec, options: PipelineOptions) -> list:
 
 
 def weights_phase(target: TargetSpec, options: PipelineOptions) -> list:
-    return [PackMatmulWeights(target), LiftWeights()]
+    return [SelectGemvKernels(target), PackMatmulWeights(target), LiftWeights()]
 
 
 def lower_phase(target: TargetSpec, options: PipelineOptions) -> list:

@@ -93,3 +93,17 @@ def export_fp16_llama(path: Path) -> Path:
     from llmcc import zoo
 
     return zoo.export("llama", path, dtype="float16")
+
+
+def matmul_module(w: np.ndarray, rows_dims: list):
+    """A Relax module ``main(x[*rows_dims, K]) = x @ W`` with W a constant [K, N]: one matmul for the quantization
+    passes to take."""
+    from tvm import relax
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(rows_dims + [w.shape[0]], "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(relax.op.matmul(x, relax.const(w)))
+        bb.emit_func_output(out)
+    return bb.get()

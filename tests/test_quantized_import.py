@@ -8,6 +8,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import llmcc
+from llmcc.targets import host_cpu
 from llmcc.errors import ImportFailure
 
 
@@ -108,3 +109,28 @@ def test_qdq_with_a_zero_point_is_not_fused_but_still_correct():
     module = llmcc.compile(_qdq_model(rng, 32, 24, zero_point=3))
     assert _rewrites(module, "fuse_dequantize_matmul") == 1  # only the symmetric Linear weight
     assert module.report["verify"]["passed"]
+
+
+def _decode_shaped(model):
+    """The same graph with x as [batch, 1, K]: one row per batch element, as a decode step has."""
+    x = model.graph.input[0]
+    x.type.tensor_type.shape.dim[1].ClearField("dim_param")
+    x.type.tensor_type.shape.dim[1].dim_value = 1
+    return model
+
+
+@pytest.mark.skipif(not host_cpu().model().int16_madd, reason="needs AVX2")
+@pytest.mark.parametrize("partial_block", [False, True], ids=["whole_blocks", "partial_block"])
+def test_matmul_nbits_decode_runs_on_the_integer_gemv(partial_block):
+    """Imported int4 weights in a decode-shaped graph take the AVX2 GEMV (select_gemv_kernels), and the module still
+    matches onnxruntime running MatMulNBits. The second matmul's K is n: with n = 48 its last block of 32 is partial,
+    which the GEMV does not take, so that one keeps dequant_matmul (the group size comes from the kernel's format
+    attribute: the stored scales alone would say 24)."""
+    rng = np.random.default_rng()
+    k, n = 64 * int(rng.integers(1, 3)), 48 if partial_block else 32 * int(rng.integers(1, 3))
+    model = _decode_shaped(_nbits(_two_matmuls(rng, k, n), 32, bool(rng.integers(0, 2))))
+    module = llmcc.compile(model)
+    assert module.report["verify"]["passed"] and module.report["verify"]["rel_err"] <= 1e-5
+    assert _rewrites(module, "select_gemv_kernels") == (1 if partial_block else 2)
+    assert sum("int4_gemv_avx2" in kn["name"] for kn in module.report["kernels"]) >= 1
+    assert module.report["quant"]["dequantize_matmul_kernels"] == 2

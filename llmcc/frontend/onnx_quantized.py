@@ -16,7 +16,7 @@ import numpy as np
 import tvm
 from tvm.relax.frontend.onnx import onnx_frontend as tvm_onnx
 
-from llmcc.kernels.dequant_matmul import INT4_PER_WORD, WeightFormat, dequant_matmul_te
+from llmcc.kernels.dequant_matmul import INT4_PER_WORD, WeightFormat, call_dequant_matmul
 
 
 class QuantizedImportError(ValueError):
@@ -86,8 +86,7 @@ class MatMulNBits(tvm_onnx.OnnxOpConverter):
         zero = _const(inputs[3], "zero_points") if len(inputs) > 3 and inputs[3] is not None else None
         fmt, stored = matmul_nbits_weight(_const(inputs[1], "B"), _const(inputs[2], "scales"), zero, k, n, bits,
                                           block)
-        y = bb.normalize(bb.call_te(dequant_matmul_te(fmt), inputs[0], *[relax.const(a) for a in stored],
-                                    primfunc_name_hint=f"dequant_matmul_{fmt.tag}"))
+        y = bb.normalize(call_dequant_matmul(bb, fmt, inputs[0], *[relax.const(a) for a in stored]))
         if len(inputs) > 5 and inputs[5] is not None:
             y = relax.op.add(y, inputs[5])
         return y

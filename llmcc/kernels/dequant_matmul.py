@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 INT4_PER_WORD = 8
+WEIGHT_FORMAT_ATTR = "llmcc.weight_format"  # PrimFunc attribute of a dequant_matmul kernel: its format's tag
 INT8_KINDS = ("int8", "w8a8")  # w8a8 stores its weight as int8 does; its kernel also quantizes the activations
 
 
@@ -50,6 +51,13 @@ class WeightFormat:
         if self.kind != "int4":
             return self.kind
         return f"int4_g{self.group_size}" + ("" if self.symmetric else "_asym")
+
+    @staticmethod
+    def from_tag(tag: str) -> "WeightFormat":
+        if not tag.startswith("int4_g"):
+            return WeightFormat(tag)
+        group, _, asym = tag[len("int4_g"):].partition("_")
+        return WeightFormat("int4", int(group), symmetric=asym != "asym")
 
 
 # ----------------------------------------------------------------------------------------- reference (numpy)
@@ -166,6 +174,13 @@ def dequant_take_te(fmt: WeightFormat, dtype: str = "float32"):
         return te.compute(list(ids.shape) + [hidden], row, name="dequantize_take")
 
     return kernel
+
+
+def call_dequant_matmul(bb, fmt: WeightFormat, x, *stored):
+    """``bb.call_te`` of ``dequant_matmul_te(fmt)``, the kernel tagged with its format (``WEIGHT_FORMAT_ATTR``): how
+    later passes (select_gemv_kernels) know what the stored constants hold."""
+    return bb.call_te(dequant_matmul_te(fmt), x, *stored, primfunc_name_hint=f"dequant_matmul_{fmt.tag}",
+                      primfunc_attrs={WEIGHT_FORMAT_ATTR: fmt.tag})
 
 
 def dequant_matmul_te(fmt: WeightFormat):

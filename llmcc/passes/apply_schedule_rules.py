@@ -31,7 +31,7 @@ from llmcc.schedules.cuda import NO_TENSORIZE
 
 
 RESHAPE_VIEW = "reshape view (no kernel)"
-KERNEL_SCHEDULE = "its own (llmcc.kernels)"  # hand-scheduled kernels: flash attention, the w8a8 GEMV
+KERNEL_SCHEDULE = "its own (llmcc.kernels)"  # hand-scheduled kernels: flash attention, the AVX2 GEMVs
 
 
 def _is_scheduled(func) -> bool:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 from tvm import relax
 
-from llmcc.kernels.dequant_matmul import WeightFormat, dequant_matmul_te
+from llmcc.kernels.dequant_matmul import WeightFormat, call_dequant_matmul
 from llmcc.passes import LlmccPass, bound_value, rewrite_relax_functions
 from llmcc.passes import const_array as _const
 from llmcc.passes import op_name as _op_name
@@ -91,5 +91,4 @@ class _Rewriter(relax.PyExprMutator):
             return call
         self.rewrites += 1
         q, scale = matched
-        return self.builder_.call_te(dequant_matmul_te(INT8), call.args[0], relax.const(q), relax.const(scale),
-                                     primfunc_name_hint="dequant_matmul_int8")
+        return call_dequant_matmul(self.builder_, INT8, call.args[0], relax.const(q), relax.const(scale))

@@ -21,16 +21,9 @@ An embedding ``R.take(table, ids, axis=0)`` becomes ``dequant_take``: only the g
 
 w8a8 quantizes the activations first (``quantize_rows``) and sums int8 products in int32 (``int8_matmul``).
 
-GEMVs on an AVX2 CPU (one row per batch element: decode) take hand-scheduled vpmaddwd kernels instead, with the
-weight packed in per-thread panels; their rows are the activation's leading dims flattened:
-
-- int8 and int4 (weight-only): ``int8_gemv_avx2`` / ``int4_gemv_avx2`` (``llmcc.kernels.dequant_gemv``), which
-  split each row of x into two int16 parts that hold it to float32 precision::
-
-    x2 = R.reshape(x, (batch, K))
-    y = R.reshape(R.call_tir(int8_gemv_avx2, (x2, q_pairs, s_w), R.Tensor((batch, N))), (batch, 1, N))
-
-- w8a8: ``w8a8_gemv_avx2`` (``llmcc.kernels.w8a8_matmul``) on the quantized rows::
+On an AVX2 CPU a w8a8 GEMV (one row per batch element: decode) instead reads its weight pair-packed in panels,
+[N/chunk, K/2, chunk, 2] int8, in the hand-scheduled vpmaddwd kernel ``w8a8_gemv_avx2``; its rows are the
+activation's leading dims flattened (int8 and int4 GEMVs get theirs from ``select_gemv_kernels``, later)::
 
     lv = R.call_te(quantize_rows, x)                                   # (q_x [batch, 1, K] int8, s_x [batch, 1, 1])
     q = R.reshape(lv[0], (batch, K)); s = R.reshape(lv[1], (batch, 1))
@@ -43,12 +36,12 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from llmcc.kernels.dequant_matmul import dequant_matmul_te, dequant_take_te, quantize, stored_bytes
-from llmcc.kernels import dequant_gemv, w8a8_matmul
+from llmcc.kernels.dequant_matmul import call_dequant_matmul, dequant_take_te, quantize, stored_bytes
+from llmcc.kernels import w8a8_matmul
 from llmcc.kernels.w8a8_matmul import int8_matmul_te, quantize_rows_te
 from llmcc.passes import LlmccPass
+from llmcc.passes.select_gemv_kernels import call_on_rows, one_row_per_batch
 from llmcc.quant.gate import fingerprint
-from llmcc.schedules import is_batch_size
 
 def _float_matrix(expr) -> np.ndarray | None:
     if not isinstance(expr, tvm.ir.GenericConst) or len(expr.ty.shape.values) != 2 or str(expr.ty.dtype) != "float32":
@@ -85,7 +78,7 @@ class QuantizeWeights(LlmccPass):
 
     def __init__(self, formats: dict, target=None) -> None:
         """``formats``: fingerprint -> (layer name, WeightFormat), as ``QuantPlan.formats()`` gives it; ``target``
-        (a TargetSpec) decides whether a CPU's GEMVs take the AVX2 kernels."""
+        (a TargetSpec) decides which w8a8 GEMV kernel a CPU gets."""
         super().__init__()
         self.formats = formats
         self.target = target
@@ -108,7 +101,7 @@ class _Rewriter(relax.PyExprMutator):
     def __init__(self, mod, formats, gemv_cores: int | None):
         super().__init__(mod)
         self.formats = formats
-        self.gemv_cores = gemv_cores  # the CPU's cores when it has AVX2 (the GEMV kernels), else None
+        self.gemv_cores = gemv_cores  # the CPU's cores when it has AVX2 (the w8a8 GEMV kernel), else None
         self.count = 0
         self.quantized: dict[str, int] = {}
         self._stored: dict[tuple, list] = {}  # (fingerprint, layout): the packed constants, however often used
@@ -124,79 +117,47 @@ class _Rewriter(relax.PyExprMutator):
         if kind == "take":
             return self.builder_.call_te(dequant_take_te(fmt), call.args[1], *self._store(key, weight, fmt),
                                          primfunc_name_hint=f"dequant_take_{fmt.tag}")
-        gemv = self._gemv(fmt, call.args[0].ty, weight.shape)
         if fmt.kind == "w8a8":
             rows = self.builder_.emit(self.builder_.call_te(quantize_rows_te, call.args[0],
                                                             primfunc_name_hint="quantize_rows"))
+            gemv = self._w8a8_gemv(call.args[0].ty, weight.shape)
             if gemv is not None:
-                kernel, layout = gemv
-                return self._call_gemv(kernel, [relax.TupleGetItem(rows, 0), relax.TupleGetItem(rows, 1)],
-                                       call.args[0].ty, weight.shape[1], self._store(key, weight, fmt, layout))
+                kernel, chunk = gemv
+                return call_on_rows(self.builder_, kernel,
+                                    [relax.TupleGetItem(rows, 0), relax.TupleGetItem(rows, 1)], call.args[0].ty,
+                                    weight.shape[1], self._store(key, weight, fmt, pair_chunk=chunk))
             return self.builder_.call_te(int8_matmul_te, relax.TupleGetItem(rows, 0), relax.TupleGetItem(rows, 1),
                                          *self._store(key, weight, fmt), primfunc_name_hint="int8_matmul")
-        if gemv is not None:
-            kernel, layout = gemv
-            return self._call_gemv(kernel, [call.args[0]], call.args[0].ty, weight.shape[1],
-                                   self._store(key, weight, fmt, layout))
-        return self.builder_.call_te(dequant_matmul_te(fmt), call.args[0], *self._store(key, weight, fmt),
-                                     primfunc_name_hint=f"dequant_matmul_{fmt.tag}")
+        return call_dequant_matmul(self.builder_, fmt, call.args[0], *self._store(key, weight, fmt))
 
-    def _store(self, key, weight, fmt, gemv_chunk: int = 0) -> list:
-        """The weight's packed constants (a tied embedding and output head share one set; a GEMV kernel's panels
-        are a set of their own, counted in the weight's stored bytes too)."""
-        if (key, gemv_chunk) not in self._stored:
+    def _store(self, key, weight, fmt, pair_chunk: int = 0) -> list:
+        """The weight's packed constants (a tied embedding and output head share one set; the pair-packed panels of
+        the w8a8 GEMV are a set of their own, counted in the weight's stored bytes too)."""
+        if (key, pair_chunk) not in self._stored:
             arrays = quantize(weight, fmt)
-            if gemv_chunk and fmt.kind == "w8a8":
-                arrays = [w8a8_matmul.pack_pairs(arrays[0], gemv_chunk)] + list(arrays[1:])
-            elif gemv_chunk:
-                arrays = dequant_gemv.gemv_weights(arrays, fmt, gemv_chunk)
-            self._stored[key, gemv_chunk] = [relax.const(np.ascontiguousarray(a)) for a in arrays]
+            if pair_chunk:
+                arrays = [w8a8_matmul.pack_pairs(arrays[0], pair_chunk)] + list(arrays[1:])
+            self._stored[key, pair_chunk] = [relax.const(np.ascontiguousarray(a)) for a in arrays]
             self.quantized[key] = self.quantized.get(key, 0) + stored_bytes(arrays)
-        return self._stored[key, gemv_chunk]
+        return self._stored[key, pair_chunk]
 
-    def _gemv(self, fmt, x_ty, weight_shape):
-        """(the GEMV kernel's GlobalVar, its panel width) for x [..., K] @ W [K, N] in ``fmt``, when the target has
-        AVX2, every leading dim of x is 1 or a batch size and the kernel tiles [K, N]; else None."""
-        if self.gemv_cores is None or not all(_one_row_per_batch(d) for d in x_ty.shape.values[:-1]):
+    def _w8a8_gemv(self, x_ty, weight_shape):
+        """(the pair-packed GEMV kernel's GlobalVar, its chunk) for x [..., K] @ W [K, N], when the target has AVX2
+        and every leading dim of x is 1 or a batch size; else None."""
+        if self.gemv_cores is None or not one_row_per_batch(x_ty):
             return None
         k, n = weight_shape
-        if fmt.kind == "w8a8":
-            chunk = w8a8_matmul.gemv_pairs_chunk(n, self.gemv_cores)
-            if chunk is None or w8a8_matmul.gemv_pairs_check(k, n, chunk):
-                return None
-            build, name, tiles = (lambda: w8a8_matmul.gemv_pairs_avx2(k, n, chunk)), "w8a8_gemv_avx2", (chunk,)
-        elif fmt.kind in ("int8", "int4"):
-            tiles = dequant_gemv.gemv_tiles(fmt, n, self.gemv_cores)
-            if tiles is None or dequant_gemv.gemv_check(fmt, k, n, tiles[0]):
-                return None
-            build = lambda: dequant_gemv.dequant_gemv_avx2(fmt, k, n, *tiles)  # noqa: E731
-            name = f"{fmt.kind}_gemv_avx2"
-        else:
+        chunk = w8a8_matmul.gemv_pairs_chunk(n, self.gemv_cores)
+        if chunk is None or w8a8_matmul.gemv_pairs_check(k, n, chunk):
             return None
-        if (fmt, k, n, tiles) not in self._gemv_kernels:
-            self._gemv_kernels[fmt, k, n, tiles] = self.builder_.add_func(build(), name)
-        return self._gemv_kernels[fmt, k, n, tiles], tiles[0]
-
-    def _call_gemv(self, gemv, inputs, x_ty, n, stored):
-        """Call ``gemv`` on ``inputs`` (each [..., last]) flattened to rows, and give its [rows, N] result back the
-        activation's leading dims."""
-        lead = x_ty.shape.values[:-1]
-        count = 1
-        for d in lead:
-            count = count * d
-        b = self.builder_
-        rows = [b.emit(relax.op.reshape(v, relax.ShapeExpr([count, b.normalize(v).ty.shape.values[-1]])))
-                for v in inputs]
-        y = b.emit(relax.call_tir(gemv, relax.Tuple([*rows, *stored]), relax.TensorType([count, n], "float32")))
-        return relax.op.reshape(y, relax.ShapeExpr(list(lead) + [n]))
-
-
-def _one_row_per_batch(dim) -> bool:
-    return int(dim) == 1 if isinstance(dim, tvm.tirx.IntImm) else is_batch_size(dim)
+        if (k, n, chunk) not in self._gemv_kernels:
+            func = w8a8_matmul.gemv_pairs_avx2(k, n, chunk)
+            self._gemv_kernels[k, n, chunk] = self.builder_.add_func(func, "w8a8_gemv_avx2")
+        return self._gemv_kernels[k, n, chunk], chunk
 
 
 def _gemv_chunk_cores(target) -> int | None:
-    """The CPU's core count when the GEMV kernels run on it (AVX2), else None."""
+    """The CPU's core count when the w8a8 GEMV kernel runs on it (AVX2), else None."""
     if target is None or target.is_gpu:
         return None
     model = target.model()

@@ -4,6 +4,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from helpers import matmul_module
 from llmcc.kernels.dequant_matmul import WeightFormat, dequant_matmul_reference, quantize
 from llmcc.passes.quantize_weights import QuantizeWeights
 from llmcc.quant.gate import fingerprint
@@ -27,8 +28,8 @@ def _module(w_planned, w_other, reuse=False):
     return bb.get()
 
 
-def _run(mod, x, target="llvm"):
-    ex = tvm.compile(mod, target=target)
+def _run(mod, x):
+    ex = tvm.compile(mod, target="llvm")
     return relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
 
 
@@ -73,16 +74,6 @@ def test_must_not_fire_without_a_plan_or_on_other_weights():
     assert p.rewrites == 0 and _calls(after, "dequant_matmul") == 0
 
 
-def _w8a8_module(w, rows_dims):
-    bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType(rows_dims + [w.shape[0]], "float32"))
-    with bb.function("main", [x]):
-        with bb.dataflow():
-            out = bb.emit_output(relax.op.matmul(x, relax.const(w)))
-        bb.emit_func_output(out)
-    return bb.get()
-
-
 def test_w8a8_gemv_takes_the_pair_packed_kernel_only_where_it_applies():
     """One row per batch element on an AVX2 CPU: the vpmaddwd GEMV with its [K/2, N, 2] weight. A sequence of rows,
     a CPU without AVX2, and CUDA keep the int8 matmul."""
@@ -100,7 +91,7 @@ def test_w8a8_gemv_takes_the_pair_packed_kernel_only_where_it_applies():
         if gemv and not target.model().int16_madd:
             continue
         p = QuantizeWeights(plan, target)
-        after = p(_w8a8_module(w, dims))
+        after = p(matmul_module(w, dims))
         assert (_calls(after, "w8a8_gemv_avx2"), _calls(after, "int8_matmul")) == ((1, 0) if gemv else (0, 1)), \
             f"{dims} on {target.name} ({target.mcpu})"
         pairs = [c for c in _consts(after) if str(c.ty.dtype) == "int8"]
@@ -116,39 +107,3 @@ def _consts(mod):
         e, tvm.ir.GenericConst) else None)
     return found
 
-
-def test_weight_only_gemv_takes_the_integer_kernel_only_where_it_applies():
-    """int8 and int4 GEMVs on an AVX2 CPU take llmcc.kernels.dequant_gemv with its panels; a sequence of rows, a CPU
-    without AVX2, CUDA, and an int4 weight whose N is not a multiple of 16 keep dequant_matmul. Where the GEMV
-    runs, the module still computes x @ dequantize(W)."""
-    from llmcc.kernels import dequant_gemv
-    from llmcc.targets import TargetSpec, host_cpu, resolve
-
-    rng = np.random.default_rng()
-    batch, seq = tvm.tirx.Var("batch", "int64"), tvm.tirx.Var("sequence", "int64")
-    sse = TargetSpec("cpu", "llvm", mcpu="x86-64")
-    for fmt in (WeightFormat("int8"), WeightFormat("int4", 32, False)):
-        w = rng.standard_normal((64, 32)).astype("float32")
-        plan = {fingerprint(w): ("proj", fmt)}
-        narrow = rng.standard_normal((64, 40)).astype("float32")
-        cases = [(w, [batch, 1], host_cpu(), True), (w, [1, 1], host_cpu(), True),
-                 (w, [batch, seq], host_cpu(), False), (w, [batch, 1], sse, False),
-                 (w, [batch, 1], resolve("cuda:sm_80"), False),
-                 (narrow, [batch, 1], host_cpu(), fmt.kind == "int8")]
-        for weight, dims, target, gemv in cases:
-            if gemv and not target.model().int16_madd:
-                continue
-            p = QuantizeWeights({fingerprint(weight): ("proj", fmt)}, target)
-            after = p(_w8a8_module(weight, dims))
-            where = f"{fmt.tag} {weight.shape} {dims} on {target.name} ({target.mcpu})"
-            assert (_calls(after, f"{fmt.kind}_gemv_avx2"), _calls(after, "dequant_matmul")) == \
-                ((1, 0) if gemv else (0, 1)), where
-            if gemv and weight is w and dims[0] is batch:
-                chunk = dequant_gemv.gemv_tiles(fmt, 32, target.model().cores)[0]
-                assert p.quantized[fingerprint(w)] == sum(a.nbytes for a in dequant_gemv.gemv_weights(
-                    quantize(w, fmt), fmt, chunk)), where
-                x = rng.standard_normal((3, 1, 64)).astype("float32")
-                want = dequant_matmul_reference(x, quantize(w, fmt), fmt)
-                np.testing.assert_allclose(_run(after, x, target.tvm_target()), want, rtol=1e-5, atol=1e-5,
-                                           err_msg=where)
-        assert plan  # the plan above names w: the cases that must not fire had it too

@@ -1,0 +1,72 @@
+"""select_gemv_kernels: decode GEMVs on int8 / int4 dequant_matmul kernels take the AVX2 integer GEMV; nothing else
+does."""
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+
+from helpers import matmul_module
+from llmcc.kernels import dequant_gemv
+from llmcc.kernels.dequant_matmul import WeightFormat, dequant_matmul_reference, quantize
+from llmcc.passes.quantize_weights import QuantizeWeights
+from llmcc.passes.select_gemv_kernels import SelectGemvKernels
+from llmcc.quant.gate import fingerprint
+from llmcc.targets import TargetSpec, host_cpu, resolve
+
+AVX2 = host_cpu().model().int16_madd
+
+
+def _calls(mod, name_part):
+    return sum(1 for gv in mod.functions if name_part in gv.name_hint)
+
+
+def _quantized(w, fmt, dims, target):
+    return QuantizeWeights({fingerprint(w): ("proj", fmt)}, target)(matmul_module(w, dims))
+
+
+@pytest.mark.skipif(not AVX2, reason="needs AVX2")
+@pytest.mark.parametrize("fmt", [WeightFormat("int8"), WeightFormat("int4", 32, True), WeightFormat("int4", 32, False)],
+                         ids=lambda f: f.tag)
+def test_decode_gemv_takes_the_integer_kernel_and_computes_the_same(fmt):
+    rng = np.random.default_rng()
+    w = rng.standard_normal((64, 32)).astype("float32")
+    batch = tvm.tirx.Var("batch", "int64")
+    p = SelectGemvKernels(host_cpu())
+    after = p(_quantized(w, fmt, [batch, 1], host_cpu()))
+    assert p.rewrites == 1
+    assert (_calls(after, f"{fmt.kind}_gemv_avx2"), _calls(after, "dequant_matmul")) == (1, 0)
+    chunk = dequant_gemv.gemv_tiles(fmt, 32, host_cpu().model().cores)[0]
+    panels = dequant_gemv.gemv_weights(quantize(w, fmt), fmt, chunk)[0]
+    consts = []
+    relax.analysis.post_order_visit(after["main"].body, lambda e: consts.append(e) if isinstance(
+        e, tvm.ir.GenericConst) else None)
+    assert [c.value.numpy().shape for c in consts if c.value.numpy().shape == panels.shape] == [panels.shape]
+    x = rng.standard_normal((3, 1, 64)).astype("float32")
+    vm = relax.VirtualMachine(tvm.compile(after, target=host_cpu().tvm_target()), tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(x)).numpy()
+    np.testing.assert_allclose(got, dequant_matmul_reference(x, quantize(w, fmt), fmt), rtol=1e-5, atol=1e-5)
+
+
+def test_must_not_fire_off_the_decode_shape_or_off_avx2():
+    """A sequence of rows, a CPU without AVX2, CUDA, fp16 weights and an int4 weight whose N is not a multiple of 16
+    keep dequant_matmul."""
+    rng = np.random.default_rng()
+    batch, seq = tvm.tirx.Var("batch", "int64"), tvm.tirx.Var("sequence", "int64")
+    w, narrow = rng.standard_normal((64, 32)).astype("float32"), rng.standard_normal((64, 40)).astype("float32")
+    int8, int4 = WeightFormat("int8"), WeightFormat("int4", 32)
+    cases = [(w, int8, [batch, seq], host_cpu()), (w, int4, [2, 5], host_cpu()),
+             (w, int8, [batch, 1], TargetSpec("cpu", "llvm", mcpu="x86-64")),
+             (w, int4, [batch, 1], resolve("cuda:sm_80")), (w, WeightFormat("fp16"), [batch, 1], host_cpu()),
+             (narrow, int4, [batch, 1], host_cpu())]
+    for weight, fmt, dims, target in cases:
+        mod = _quantized(weight, fmt, dims, target)
+        p = SelectGemvKernels(target)
+        after = p(mod)
+        assert p.rewrites == 0 and after.same_as(mod), f"{fmt.tag} {weight.shape} {dims} on {target.name}"
+
+
+
+def test_format_tags_round_trip():
+    for fmt in (WeightFormat("int8"), WeightFormat("int4", 32), WeightFormat("int4", 128, False), WeightFormat("fp16")):
+        assert WeightFormat.from_tag(fmt.tag) == fmt
