@@ -182,8 +182,8 @@ def test_every_scheme_compiles_and_verifies(scheme):
     q = module.report["quant"]
     assert [layer["scheme"] for layer in q["layers"]] == [scheme, scheme]
     assert module.report["verify"]["passed"] and q["error"] <= 0.5
-    # weight-only schemes are checked at float32 precision against their simulation; only w8a8 is looser
-    expected = gate.W8A8_VERIFY_TOLERANCE if scheme == "w8a8" else 1e-5
+    # weight-only schemes are checked at float32 precision against their simulation; w8a8 and w4a8 looser
+    expected = gate.W8A8_VERIFY_TOLERANCE if scheme in ("w8a8", "w4a8") else 1e-5
     assert module.report["verify"]["tolerance"] == expected
     assert q["dequantize_matmul_kernels"] + sum("int8_matmul" in k["name"] for k in module.report["kernels"]) >= 1
 

@@ -4,9 +4,9 @@
 Four parts (issue 5), all on this CPU with the same thread count for every system:
 
 1. GEMV chain: x[1, N] @ W1 @ W2 @ W3 @ W4 (N = 4096, fp32 activations, N(0, 0.02) weights). llmcc fp32 / int8 /
-   w8a8 / int4 / int4-g128 vs onnxruntime fp32 / int8 (quantize_dynamic, which quantizes the activations too, as
-   w8a8 does) / int4 (MatMulNBits). A GEMV reads every weight
-   once, so its floor is weight bytes / the read bandwidth measured here (numpy sums over a large array, or the
+   w8a8 / int4 / w4a8 / int4-g128 vs onnxruntime fp32 / int8 (quantize_dynamic, which quantizes the activations too,
+   as w8a8 does) / int4 (MatMulNBits; with accuracy_level 4 its activations are int8, as w4a8's). A GEMV reads
+   every weight once, so its floor is weight bytes / the read bandwidth measured here (numpy sums over a large array, or the
    fastest read any system achieved on weights at least 4x the last-level cache, whichever is higher).
 2. Tiny Llama decode step (zoo "llama-decode" at its longest past): the same systems on a whole model.
 3. all-MiniLM-L6-v2 (real weights): cosine of int8 sentence embeddings vs fp32 on real sentences, and speed.
@@ -279,7 +279,7 @@ def bench_gemv(n: int, bandwidth_gbs: float, threads: int, repeat: int, workdir:
     for w in weights:
         reference = reference @ w
     systems = []  # (name, run, stored weight bytes, extra)
-    for quant in ("none", "int8", "w8a8", "int4", "int4-g128"):
+    for quant in ("none", "int8", "w8a8", "int4", "w4a8", "int4-g128"):
         print(f"gemv {n}: llmcc {quant} ...", flush=True)
         module, compile_s = compile_llmcc(proto, quant, None if quant == "none" else ALL_LAYERS)
         stored = sum(w.nbytes for w in weights) if quant == "none" else module.report["quant"]["weight_bytes"]["stored"]
@@ -550,7 +550,7 @@ def main(argv=None) -> int:
         workdir = Path(tmp)
         timed("gemv", bench_gemv, n, result["bandwidth"]["gbs"], args.threads, repeat, workdir)
         use_observed_bandwidth(result["bandwidth"], result["gemv"])
-        decode_quants = ("none", "int4") if quick else ("none", "int8", "w8a8", "int4")
+        decode_quants = ("none", "int4") if quick else ("none", "int8", "w8a8", "int4", "w4a8")
         timed("decode", bench_decode, args.threads, repeat, workdir, decode_quants)
         timed("minilm", bench_minilm, args.threads, repeat, workdir, SENTENCES[:8] if quick else SENTENCES,
               *((1, 16) if quick else (8, 128)))

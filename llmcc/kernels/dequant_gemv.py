@@ -30,11 +30,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from llmcc.kernels.dequant_matmul import INT4_PER_WORD, WeightFormat, dequantize
-from llmcc.kernels.w8a8_matmul import pack_pairs, unpack_pairs
+from llmcc.kernels.dequant_matmul import INT4_KINDS, INT4_PER_WORD, WeightFormat, dequantize
+from llmcc.kernels.w8a8_matmul import INT8_MAX, quantize_rows_reference, pack_pairs, unpack_pairs
 
 HI_MAX = 32767.0
 LO_SCALE = 32768.0         # lo counts 2^-15 steps of hi
+LO_WEIGHT = 1.0 / LO_SCALE
 TINY = 1e-30               # an all-zero row splits into zeros instead of dividing by zero
 LANES = 8                  # int32 (and float32) outputs per vpmaddwd
 INT8_BLOCK_PAIRS = 256     # k pairs summed in int32 before the move to float32 (no overflow, see above)
@@ -55,8 +56,12 @@ def split_rows_reference(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndar
 
 def dequant_gemv_reference(x: np.ndarray, arrays: list[np.ndarray], fmt: WeightFormat) -> np.ndarray:
     """The plain result the kernel must match to float32 rounding: x @ dequantize(W) (``arrays`` as
-    ``dequant_matmul.quantize`` stores them)."""
-    return np.asarray(x, np.float32) @ dequantize(arrays, fmt)
+    ``dequant_matmul.quantize`` stores them); for w4a8, x quantized per row to int8 first."""
+    x = np.asarray(x, np.float32)
+    if fmt.kind == "w4a8":
+        q_x, s_x = quantize_rows_reference(x)
+        x = q_x.astype(np.float32) * s_x
+    return x @ dequantize(arrays, fmt)
 
 
 # ----------------------------------------------------------------------------------------- layouts
@@ -83,14 +88,14 @@ def unpack_nibble_pairs(pairs: np.ndarray) -> np.ndarray:
 
 def gemv_check(fmt: WeightFormat, k: int, n: int, chunk: int) -> str | None:
     """Why a [k, n] weight in ``fmt`` cannot take the GEMV with ``chunk`` outputs per panel, or None."""
-    if fmt.kind not in ("int8", "int4"):
+    if fmt.kind not in ("int8",) + INT4_KINDS:
         return f"{fmt.kind} weights have no integer GEMV"
     if k % 2:
         return f"K={k} is odd"
-    step = 16 if fmt.kind == "int4" else LANES
+    step = 16 if fmt.kind in INT4_KINDS else LANES
     if chunk % step or n % chunk:
         return f"N={n} is not a multiple of the {chunk}-output chunk (a multiple of {step})"
-    if fmt.kind == "int4" and (fmt.group_size % 2 or k % fmt.group_size):
+    if fmt.kind in INT4_KINDS and (fmt.group_size % 2 or k % fmt.group_size):
         return f"K={k} is not a multiple of the group size {fmt.group_size}"
     return None
 
@@ -99,7 +104,7 @@ def gemv_tiles(fmt: WeightFormat, n: int, cores: int) -> tuple[int, int] | None:
     """(chunk, tasks): outputs per panel and parallel tasks. 32 outputs are 4 vectors, each with a hi and a lo
     accumulator: 8 of the 16 AVX2 registers, with room for the weight and the two broadcast activations; fewer when
     N is narrow. Tasks: the fewest runs of whole panels that give every core one (each task splits every row once)."""
-    for chunk in ((32, 16) if fmt.kind == "int4" else (32, 16, 8)):
+    for chunk in ((32, 16) if fmt.kind in INT4_KINDS else (32, 16, 8)):
         if n % chunk == 0:
             panels = n // chunk
             tasks = next((t for t in range(min(cores, panels), panels + 1) if panels % t == 0), panels)
@@ -141,27 +146,31 @@ def dequant_gemv_avx2(fmt: WeightFormat, k: int, n: int, chunk: int, tasks: int)
         raise ValueError(f"dequant GEMV: {panels} panels do not split into {tasks} tasks")
     if fmt.kind == "int8":
         return _int8_gemv(k, n, chunk, tasks)
-    return _int4_gemv(k, n, chunk, tasks, fmt.group_size, fmt.symmetric)
+    return _int4_gemv(k, n, chunk, tasks, fmt.group_size, fmt.symmetric, exact=fmt.kind == "int4")
 
 
-def _split_row(T):
-    """The TVMScript macro that splits row m of x into pair-packed (hi, lo) int16 words and its scale."""
+def _split_row(T, exact: bool = True):
+    """The TVMScript macro that splits row m of x into pair-packed (hi, lo) int16 words and its scale; with
+    ``exact`` off, hi is x quantized to int8 as ``w8a8_matmul.quantize_rows`` does it, and lo is not written."""
+    top = HI_MAX if exact else INT8_MAX
 
     @T.macro
     def split_row(x, m, k, x_hi, x_lo, scale):
         scale[0] = T.float32(0)
         for i in range(k):
             scale[0] = T.max(scale[0], T.fabs(x[m, i]))
-        scale[0] = T.max(scale[0] / T.float32(HI_MAX), T.float32(TINY))
+        scale[0] = T.max(scale[0] / T.float32(top), T.float32(TINY))
         for kk in range(k // 2):
             v0 = x[m, 2 * kk] / scale[0]
             v1 = x[m, 2 * kk + 1] / scale[0]
             h0 = T.nearbyint(v0)
             h1 = T.nearbyint(v1)
-            l0 = T.nearbyint((v0 - h0) * T.float32(LO_SCALE))
-            l1 = T.nearbyint((v1 - h1) * T.float32(LO_SCALE))
             x_hi[kk] = T.bitwise_or(T.bitwise_and(T.Cast("int32", h0), 0xFFFF), T.shift_left(T.Cast("int32", h1), 16))
-            x_lo[kk] = T.bitwise_or(T.bitwise_and(T.Cast("int32", l0), 0xFFFF), T.shift_left(T.Cast("int32", l1), 16))
+            if exact:
+                l0 = T.nearbyint((v0 - h0) * T.float32(LO_SCALE))
+                l1 = T.nearbyint((v1 - h1) * T.float32(LO_SCALE))
+                x_lo[kk] = T.bitwise_or(T.bitwise_and(T.Cast("int32", l0), 0xFFFF),
+                                        T.shift_left(T.Cast("int32", l1), 16))
 
     return split_row
 
@@ -211,7 +220,7 @@ def _int8_gemv(k: int, n: int, chunk: int, tasks: int):
                                 acc[T.ramp(v * LANES, 1, LANES)]
                                 + T.Cast("float32x8", acc_hi[T.ramp(v * LANES, 1, LANES)])
                                 + T.Cast("float32x8", acc_lo[T.ramp(v * LANES, 1, LANES)])
-                                * T.broadcast(T.float32(1.0 / LO_SCALE), LANES))
+                                * T.broadcast(T.float32(LO_WEIGHT), LANES))
                     for j in range(chunk):
                         col = (t * per_task + p) * chunk + j
                         y[m, col] = acc[j] * scale[0] * s_w[col]
@@ -219,12 +228,14 @@ def _int8_gemv(k: int, n: int, chunk: int, tasks: int):
     return int8_gemv_avx2
 
 
-def _int4_gemv(k: int, n: int, chunk: int, tasks: int, group: int, symmetric: bool):
+def _int4_gemv(k: int, n: int, chunk: int, tasks: int, group: int, symmetric: bool, exact: bool):
+    """int4 weights; ``exact``: x in two int16 parts (weight-only int4), else x quantized to int8 per row (w4a8:
+    one vpmaddwd per weight vector instead of two)."""
     from tvm.script import tirx as T
 
     k2, vectors, panels, nibble_groups = k // 2, chunk // LANES, n // chunk, chunk // 16
     per_task, group_pairs, n_groups = panels // tasks, group // 2, k // group
-    split_row = _split_row(T)
+    split_row = _split_row(T, exact)
 
     def zero_point(zero, g, col):
         """The group's zero points of 8 columns as int32 lanes (symmetric: the stored offset 8)."""
@@ -247,43 +258,48 @@ def _int4_gemv(k: int, n: int, chunk: int, tasks: int, group: int, symmetric: bo
                 split_row(x, m, k, x_hi, x_lo, scale)
                 for g in range(n_groups):
                     sum_hi[g] = 0
-                    sum_lo[g] = 0
+                    sum_lo[g] = 0  # stays 0 without the lo part
                     for kk in range(g * group_pairs, g * group_pairs + group_pairs):
                         sum_hi[g] = sum_hi[g] + T.shift_right(T.shift_left(x_hi[kk], 16), 16) \
                             + T.shift_right(x_hi[kk], 16)
-                        sum_lo[g] = sum_lo[g] + T.shift_right(T.shift_left(x_lo[kk], 16), 16) \
-                            + T.shift_right(x_lo[kk], 16)
+                        if exact:
+                            sum_lo[g] = sum_lo[g] + T.shift_right(T.shift_left(x_lo[kk], 16), 16) \
+                                + T.shift_right(x_lo[kk], 16)
                 for p in range(per_task):
                     for v in range(vectors):
                         acc[T.ramp(v * LANES, 1, LANES)] = T.broadcast(T.float32(0), LANES)
                     for g in range(n_groups):
                         for v in range(vectors):
                             acc_hi[T.ramp(v * LANES, 1, LANES)] = T.broadcast(T.int32(0), LANES)
-                            acc_lo[T.ramp(v * LANES, 1, LANES)] = T.broadcast(T.int32(0), LANES)
+                            if exact:
+                                acc_lo[T.ramp(v * LANES, 1, LANES)] = T.broadcast(T.int32(0), LANES)
                         for kk in range(g * group_pairs, g * group_pairs + group_pairs):
                             xh = T.reinterpret(T.broadcast(x_hi[kk], LANES), dtype="int16x16")
-                            xl = T.reinterpret(T.broadcast(x_lo[kk], LANES), dtype="int16x16")
                             for ng in T.unroll(nibble_groups):
                                 wv = T.Cast("int16x16", w[T.ramp((((t * per_task + p) * k2 + kk) * nibble_groups
                                                                   + ng) * 16, 1, 16)])
                                 w_lo = T.bitwise_and(wv, T.broadcast(T.int16(15), 16))
                                 w_hi = T.shift_right(wv, T.broadcast(T.int16(4), 16))
                                 acc_hi[T.ramp(ng * 16, 1, LANES)] = acc_hi[T.ramp(ng * 16, 1, LANES)] + _madd(w_lo, xh)
-                                acc_lo[T.ramp(ng * 16, 1, LANES)] = acc_lo[T.ramp(ng * 16, 1, LANES)] + _madd(w_lo, xl)
                                 acc_hi[T.ramp(ng * 16 + LANES, 1, LANES)] = \
                                     acc_hi[T.ramp(ng * 16 + LANES, 1, LANES)] + _madd(w_hi, xh)
-                                acc_lo[T.ramp(ng * 16 + LANES, 1, LANES)] = \
-                                    acc_lo[T.ramp(ng * 16 + LANES, 1, LANES)] + _madd(w_hi, xl)
+                                if exact:
+                                    xl = T.reinterpret(T.broadcast(x_lo[kk], LANES), dtype="int16x16")
+                                    acc_lo[T.ramp(ng * 16, 1, LANES)] = \
+                                        acc_lo[T.ramp(ng * 16, 1, LANES)] + _madd(w_lo, xl)
+                                    acc_lo[T.ramp(ng * 16 + LANES, 1, LANES)] = \
+                                        acc_lo[T.ramp(ng * 16 + LANES, 1, LANES)] + _madd(w_hi, xl)
                         for v in T.unroll(vectors):
                             col = (t * per_task + p) * chunk + v * LANES
                             z = zero_point(zero, g, col)
+                            group_sum = T.Cast("float32x8", acc_hi[T.ramp(v * LANES, 1, LANES)]
+                                               - z * T.broadcast(sum_hi[g], LANES))
+                            if exact:
+                                group_sum = group_sum + T.Cast(
+                                    "float32x8", acc_lo[T.ramp(v * LANES, 1, LANES)]
+                                    - z * T.broadcast(sum_lo[g], LANES)) * T.broadcast(T.float32(LO_WEIGHT), LANES)
                             acc[T.ramp(v * LANES, 1, LANES)] = acc[T.ramp(v * LANES, 1, LANES)] + s_w[
-                                g, T.ramp(col, 1, LANES)] * (
-                                T.Cast("float32x8", acc_hi[T.ramp(v * LANES, 1, LANES)]
-                                       - z * T.broadcast(sum_hi[g], LANES))
-                                + T.Cast("float32x8", acc_lo[T.ramp(v * LANES, 1, LANES)]
-                                         - z * T.broadcast(sum_lo[g], LANES))
-                                * T.broadcast(T.float32(1.0 / LO_SCALE), LANES))
+                                g, T.ramp(col, 1, LANES)] * group_sum
                     for j in range(chunk):
                         y[m, (t * per_task + p) * chunk + j] = acc[j] * scale[0]
 

@@ -26,12 +26,15 @@ import numpy as np
 INT4_PER_WORD = 8
 WEIGHT_FORMAT_ATTR = "llmcc.weight_format"  # PrimFunc attribute of a dequant_matmul kernel: its format's tag
 INT8_KINDS = ("int8", "w8a8")  # w8a8 stores its weight as int8 does; its kernel also quantizes the activations
+INT4_KINDS = ("int4", "w4a8")  # likewise w4a8 (int4 groups, activations quantized per token to int8)
+INT8_ACTIVATION_KINDS = ("w8a8", "w4a8")  # the kinds whose kernels quantize their activations
 
 
 @dataclass(frozen=True)
 class WeightFormat:
     """How one weight is stored: ``kind`` in fp16 / bf16 / int8 / int4 / w8a8 (int8 weights, and the activations
-    quantized per token at run time: ``llmcc.kernels.w8a8_matmul``), with the int4 group size and symmetry."""
+    quantized per token at run time: ``llmcc.kernels.w8a8_matmul``) / w4a8 (int4 weights, activations likewise),
+    with the int4 group size and symmetry."""
 
     kind: str
     group_size: int = 0
@@ -39,7 +42,7 @@ class WeightFormat:
 
     def check(self, k: int, n: int) -> str | None:
         """Why a [k, n] weight cannot take this format, or None."""
-        if self.kind == "int4":
+        if self.kind in INT4_KINDS:
             if k % self.group_size:
                 return f"K={k} is not a multiple of the group size {self.group_size}"
             if k % INT4_PER_WORD:
@@ -48,16 +51,17 @@ class WeightFormat:
 
     @property
     def tag(self) -> str:
-        if self.kind != "int4":
+        if self.kind not in INT4_KINDS:
             return self.kind
-        return f"int4_g{self.group_size}" + ("" if self.symmetric else "_asym")
+        return f"{self.kind}_g{self.group_size}" + ("" if self.symmetric else "_asym")
 
     @staticmethod
     def from_tag(tag: str) -> "WeightFormat":
-        if not tag.startswith("int4_g"):
+        kind, _, rest = tag.partition("_g")
+        if kind not in INT4_KINDS:
             return WeightFormat(tag)
-        group, _, asym = tag[len("int4_g"):].partition("_")
-        return WeightFormat("int4", int(group), symmetric=asym != "asym")
+        group, _, asym = rest.partition("_")
+        return WeightFormat(kind, int(group), symmetric=asym != "asym")
 
 
 # ----------------------------------------------------------------------------------------- reference (numpy)
@@ -78,7 +82,7 @@ def quantize(w: np.ndarray, fmt: WeightFormat) -> list[np.ndarray]:
         scale = np.maximum(np.abs(w).max(axis=0), 1e-12) / 127.0
         q = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
         return [q, scale.astype(np.float32)]
-    if fmt.kind == "int4":
+    if fmt.kind in INT4_KINDS:
         why = fmt.check(k, n)
         if why:
             raise ValueError(why)
@@ -163,7 +167,7 @@ def dequant_take_te(fmt: WeightFormat, dtype: str = "float32"):
 
     def kernel(ids, *stored):
         weight = _weight_expr(fmt, stored, dtype)
-        hidden = stored[0].shape[0] * (INT4_PER_WORD if fmt.kind == "int4" else 1)
+        hidden = stored[0].shape[0] * (INT4_PER_WORD if fmt.kind in INT4_KINDS else 1)
         scale = stored[1] if fmt.kind in INT8_KINDS else None
 
         def row(*i):

@@ -28,6 +28,12 @@ activation's leading dims flattened (int8 and int4 GEMVs get theirs from ``selec
     lv = R.call_te(quantize_rows, x)                                   # (q_x [batch, 1, K] int8, s_x [batch, 1, 1])
     q = R.reshape(lv[0], (batch, K)); s = R.reshape(lv[1], (batch, 1))
     y = R.reshape(R.call_tir(w8a8_gemv_avx2, (q, s, q_pairs, s_w), R.Tensor((batch, N))), (batch, 1, N))
+
+w4a8 (int4 weights, activations quantized per token): a GEMV on AVX2 takes ``w4a8_gemv_avx2``
+(``llmcc.kernels.dequant_gemv``), which quantizes its rows itself and sums int8 x int4 products in int32; anything
+else quantizes the rows, multiplies them back (q * s) and runs the int4 ``dequant_matmul`` on that::
+
+    y = R.reshape(R.call_tir(w4a8_gemv_avx2, (R.reshape(x, (batch, K)), q_nibbles, s_w), ...), (batch, 1, N))
 """
 
 from __future__ import annotations
@@ -36,8 +42,8 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from llmcc.kernels.dequant_matmul import call_dequant_matmul, dequant_take_te, quantize, stored_bytes
-from llmcc.kernels import w8a8_matmul
+from llmcc.kernels.dequant_matmul import WeightFormat, call_dequant_matmul, dequant_take_te, quantize, stored_bytes
+from llmcc.kernels import dequant_gemv, w8a8_matmul
 from llmcc.kernels.w8a8_matmul import int8_matmul_te, quantize_rows_te
 from llmcc.passes import LlmccPass
 from llmcc.passes.select_gemv_kernels import call_on_rows, one_row_per_batch
@@ -101,7 +107,7 @@ class _Rewriter(relax.PyExprMutator):
     def __init__(self, mod, formats, gemv_cores: int | None):
         super().__init__(mod)
         self.formats = formats
-        self.gemv_cores = gemv_cores  # the CPU's cores when it has AVX2 (the w8a8 GEMV kernel), else None
+        self.gemv_cores = gemv_cores  # the CPU's cores when it has AVX2 (the w8a8 / w4a8 GEMV kernels), else None
         self.count = 0
         self.quantized: dict[str, int] = {}
         self._stored: dict[tuple, list] = {}  # (fingerprint, layout): the packed constants, however often used
@@ -125,21 +131,42 @@ class _Rewriter(relax.PyExprMutator):
                 kernel, chunk = gemv
                 return call_on_rows(self.builder_, kernel,
                                     [relax.TupleGetItem(rows, 0), relax.TupleGetItem(rows, 1)], call.args[0].ty,
-                                    weight.shape[1], self._store(key, weight, fmt, pair_chunk=chunk))
+                                    weight.shape[1], self._store(key, weight, fmt, gemv_chunk=chunk))
             return self.builder_.call_te(int8_matmul_te, relax.TupleGetItem(rows, 0), relax.TupleGetItem(rows, 1),
                                          *self._store(key, weight, fmt), primfunc_name_hint="int8_matmul")
+        if fmt.kind == "w4a8":
+            return self._w4a8_matmul(call.args[0], key, weight, fmt)
         return call_dequant_matmul(self.builder_, fmt, call.args[0], *self._store(key, weight, fmt))
 
-    def _store(self, key, weight, fmt, pair_chunk: int = 0) -> list:
-        """The weight's packed constants (a tied embedding and output head share one set; the pair-packed panels of
-        the w8a8 GEMV are a set of their own, counted in the weight's stored bytes too)."""
-        if (key, pair_chunk) not in self._stored:
+    def _w4a8_matmul(self, x, key, weight, fmt):
+        """A GEMV on AVX2: ``w4a8_gemv_avx2``, which quantizes its rows itself. Otherwise the rows quantized and
+        dequantized in float (q * s, exactly what the gate simulates) into the int4 dequant_matmul."""
+        k, n = weight.shape
+        tiles = dequant_gemv.gemv_tiles(fmt, n, self.gemv_cores) if self.gemv_cores else None
+        if tiles is not None and one_row_per_batch(x.ty) and not dequant_gemv.gemv_check(fmt, k, n, tiles[0]):
+            if (fmt, k, n, tiles) not in self._gemv_kernels:
+                self._gemv_kernels[fmt, k, n, tiles] = self.builder_.add_func(
+                    dequant_gemv.dequant_gemv_avx2(fmt, k, n, *tiles), "w4a8_gemv_avx2")
+            return call_on_rows(self.builder_, self._gemv_kernels[fmt, k, n, tiles], [x], x.ty, n,
+                                self._store(key, weight, fmt, gemv_chunk=tiles[0]))
+        rows = self.builder_.emit(self.builder_.call_te(quantize_rows_te, x, primfunc_name_hint="quantize_rows"))
+        rounded = self.builder_.emit(relax.op.multiply(relax.op.astype(relax.TupleGetItem(rows, 0), "float32"),
+                                                       relax.TupleGetItem(rows, 1)))
+        return call_dequant_matmul(self.builder_, WeightFormat("int4", fmt.group_size, fmt.symmetric), rounded,
+                                   *self._store(key, weight, fmt))
+
+    def _store(self, key, weight, fmt, gemv_chunk: int = 0) -> list:
+        """The weight's packed constants (a tied embedding and output head share one set; the panels of a GEMV
+        kernel are a set of their own, counted in the weight's stored bytes too)."""
+        if (key, gemv_chunk) not in self._stored:
             arrays = quantize(weight, fmt)
-            if pair_chunk:
-                arrays = [w8a8_matmul.pack_pairs(arrays[0], pair_chunk)] + list(arrays[1:])
-            self._stored[key, pair_chunk] = [relax.const(np.ascontiguousarray(a)) for a in arrays]
+            if gemv_chunk and fmt.kind == "w8a8":
+                arrays = [w8a8_matmul.pack_pairs(arrays[0], gemv_chunk)] + list(arrays[1:])
+            elif gemv_chunk:
+                arrays = dequant_gemv.gemv_weights(arrays, fmt, gemv_chunk)
+            self._stored[key, gemv_chunk] = [relax.const(np.ascontiguousarray(a)) for a in arrays]
             self.quantized[key] = self.quantized.get(key, 0) + stored_bytes(arrays)
-        return self._stored[key, pair_chunk]
+        return self._stored[key, gemv_chunk]
 
     def _w8a8_gemv(self, x_ty, weight_shape):
         """(the pair-packed GEMV kernel's GlobalVar, its chunk) for x [..., K] @ W [K, N], when the target has AVX2
@@ -157,7 +184,7 @@ class _Rewriter(relax.PyExprMutator):
 
 
 def _gemv_chunk_cores(target) -> int | None:
-    """The CPU's core count when the w8a8 GEMV kernel runs on it (AVX2), else None."""
+    """The CPU's core count when the w8a8 / w4a8 GEMV kernels run on it (AVX2), else None."""
     if target is None or target.is_gpu:
         return None
     model = target.model()

@@ -9,7 +9,7 @@ Works on the ONNX model with onnxruntime as the float32 reference, before anythi
 2. Sensitivity: for each layer alone, swap its weight for the quantized-then-dequantized one and measure the outputs'
    relative error vs float32 on the calibration inputs.
 3. With every layer quantized, measure again. While the error exceeds the budget, move the most sensitive layer one
-   step up its scheme's fallback chain (int4 -> int8 -> fp16 -> none) and re-measure.
+   step up its scheme's fallback chain (w4a8 -> int4 -> int8 -> fp16 -> none; w8a8 -> int8) and re-measure.
 
 The plan maps each layer's weight (by a fingerprint of its matmul-oriented ``[K, N]`` values, which is how the
 ``quantize_weights`` pass finds the same weight in Relax) to the format it gets. The compiled module is then checked
@@ -29,7 +29,7 @@ from onnx import numpy_helper
 
 from llmcc.errors import InputError, LlmccError
 from llmcc.frontend.onnx_names import module_path
-from llmcc.kernels.dequant_matmul import WeightFormat, dequantize, quantize
+from llmcc.kernels.dequant_matmul import INT8_ACTIVATION_KINDS, WeightFormat, dequantize, quantize
 from llmcc.quant.schemes import SCHEMES, QuantScheme
 from llmcc.verify import ort_session
 
@@ -189,7 +189,7 @@ class _Simulator:
     def model(self, assignment: dict[str, tuple[Layer, str]]) -> onnx.ModelProto:
         """A copy of the model where each layer in ``assignment`` (node -> (layer, scheme)) reads its own new
         initializer holding the dequantized weight (a weight shared with another node stays as it was there), and a
-        w8a8 matmul reads its activations through the per-token fake quantization its kernel does."""
+        w8a8 or w4a8 matmul reads its activations through the per-token fake quantization its kernel does."""
         sim = onnx.ModelProto()
         sim.CopyFrom(self.proto)
         nodes = {n.name: n for n in sim.graph.node}
@@ -203,8 +203,8 @@ class _Simulator:
             new_name = f"{layer.initializer}__llmcc_{scheme}_{node_name}"
             sim.graph.initializer.append(numpy_helper.from_array(w, new_name))
             nodes[node_name].input[layer.input_index] = new_name
-            if fmt.kind == "w8a8" and layer.kind == "matmul":
-                before[node_name] = _fake_quantize_rows(sim, nodes[node_name], f"{node_name}__llmcc_w8a8")
+            if fmt.kind in INT8_ACTIVATION_KINDS and layer.kind == "matmul":
+                before[node_name] = _fake_quantize_rows(sim, nodes[node_name], f"{node_name}__llmcc_{fmt.kind}")
         if before:
             ordered = []
             for node in sim.graph.node:
@@ -297,8 +297,10 @@ def plan(proto: onnx.ModelProto, scheme: QuantScheme, *, max_error: float | None
     sim = _Simulator(proto, layers, feeds)
     for layer in layers:
         why = scheme.weight.check(*layer.shape)
-        lp = LayerPlan(layer, scheme.name if why is None else scheme.fallback, reason=why or "",
-                       fingerprint=fingerprint(sim.weights[layer.node]))
+        chosen = scheme.name
+        while SCHEMES[chosen].weight is not None and SCHEMES[chosen].weight.check(*layer.shape):
+            chosen = SCHEMES[chosen].fallback  # the first scheme up the chain that can store it (w4a8 -> int4 -> int8)
+        lp = LayerPlan(layer, chosen, reason=why or "", fingerprint=fingerprint(sim.weights[layer.node]))
         if why is None:
             lp.sensitivity = sim.error({layer.node: (layer, scheme.name)})
         result.layers.append(lp)
@@ -342,20 +344,21 @@ def plan(proto: onnx.ModelProto, scheme: QuantScheme, *, max_error: float | None
     return result
 
 
-# A w8a8 layer rounds activations that earlier kernels computed. Its kernels sum in int32, in another order than
+# A w8a8 (or w4a8) layer rounds activations that earlier kernels computed. Its kernels sum in int32, in another order than
 # onnxruntime's float matmuls, so an activation within float rounding of a half step can round the other way: one
 # int8 step (1/127 of its row's largest value) on one element. On the 4096-wide GEMV chain one such flip moved the
 # output by 4.2e-4 relative (tools/bench_quant.py). Checking against the simulated model allows this much when the
-# plan has w8a8 layers; the error vs float32 (measure) still holds the gate's budget, and an indexing or scale bug
+# plan has such layers; the error vs float32 (measure) still holds the gate's budget, and an indexing or scale bug
 # is off by far more.
 W8A8_VERIFY_TOLERANCE = 5e-3
 
 
 def verify_tolerance(p: QuantPlan) -> float | None:
     """The tolerance of checking the compiled module against ``simulated_model``: None (the dtype's own) unless a
-    layer is w8a8."""
-    w8a8 = any(SCHEMES[lp.scheme].weight is not None and SCHEMES[lp.scheme].weight.kind == "w8a8" for lp in p.layers)
-    return W8A8_VERIFY_TOLERANCE if w8a8 else None
+    layer quantizes its activations (w8a8, w4a8)."""
+    rounded = any(SCHEMES[lp.scheme].weight is not None and SCHEMES[lp.scheme].weight.kind in INT8_ACTIVATION_KINDS
+                  for lp in p.layers)
+    return W8A8_VERIFY_TOLERANCE if rounded else None
 
 
 def simulated_model(p: QuantPlan, quantized_fingerprints: set[str]) -> onnx.ModelProto:

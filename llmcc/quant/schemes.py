@@ -40,6 +40,8 @@ SCHEMES: dict[str, QuantScheme] = {s.name: s for s in (
                 WeightFormat("int8"), max_error=0.02, fallback="fp16"),
     QuantScheme("w8a8", "int8 weights per output channel and int8 activations per token (dynamic), int32 sums",
                 WeightFormat("w8a8"), max_error=0.05, fallback="int8"),
+    QuantScheme("w4a8", "int4 weights in groups of 32 along K, symmetric, and int8 activations per token (dynamic), "
+                        "int32 sums", WeightFormat("w4a8", 32, True), max_error=0.1, fallback="int4"),
     _int4("int4", 32, True),
     _int4("int4-g128", 128, True),
     _int4("int4-asym", 32, False),

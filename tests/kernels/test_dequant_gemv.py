@@ -1,4 +1,5 @@
-"""The weight-only int8 / int4 GEMV for AVX2 CPUs (llmcc.kernels.dequant_gemv) vs x @ dequantize(W) in float64."""
+"""The int8 / int4 / w4a8 GEMVs for AVX2 CPUs (llmcc.kernels.dequant_gemv) vs x @ dequantize(W) in float64 (w4a8: x
+quantized per row first)."""
 
 import numpy as np
 import pytest
@@ -6,11 +7,12 @@ import tvm
 
 from llmcc.kernels import dequant_gemv as dg
 from llmcc.kernels.dequant_matmul import WeightFormat, dequantize, quantize
+from llmcc.kernels.w8a8_matmul import quantize_rows_reference
 from llmcc.targets import resolve
 
 AVX2 = resolve("cpu").model().int16_madd
 FORMATS = [WeightFormat("int8"), WeightFormat("int4", 32, True), WeightFormat("int4", 32, False),
-           WeightFormat("int4", 128, True), WeightFormat("int4", 128, False)]
+           WeightFormat("int4", 128, True), WeightFormat("int4", 128, False), WeightFormat("w4a8", 32, True)]
 # The kernel's activations hold x to max|x| * 4.7e-10 and its sums are exact in int32: what is left is float32
 # rounding of the block sums and of x / s, well under 1e-6 relative on outputs of these sizes
 REL_TOL = 1e-6
@@ -37,8 +39,9 @@ def test_gemv_matches_float64_reference(fmt, rows, seed):
     rng = np.random.default_rng(seed)
     group = fmt.group_size or 2
     # K past one int8 block (256 k pairs) in some draws, so block sums are moved to float32 more than once
-    k = group * int(rng.integers(1, 1200 // group + 1)) if fmt.kind == "int4" else 2 * int(rng.integers(1, 700))
-    n = 16 * int(rng.integers(1, 20)) if fmt.kind == "int4" else 8 * int(rng.integers(1, 40))
+    int4 = fmt.kind in ("int4", "w4a8")
+    k = group * int(rng.integers(1, 1200 // group + 1)) if int4 else 2 * int(rng.integers(1, 700))
+    n = 16 * int(rng.integers(1, 20)) if int4 else 8 * int(rng.integers(1, 40))
     cores = int(rng.integers(1, 9))
     chunk, tasks = dg.gemv_tiles(fmt, n, cores)
     arrays = quantize(rng.standard_normal((k, n)).astype(np.float32), fmt)
@@ -46,6 +49,9 @@ def test_gemv_matches_float64_reference(fmt, rows, seed):
     x = _random_x(rng, rows, k)
     y = tvm.runtime.tensor(np.zeros((rows, n), np.float32))
     _build(fmt, k, n, chunk, tasks)["main"](*[tvm.runtime.tensor(a) for a in [x, *stored]], y)
+    if fmt.kind == "w4a8":  # its rows quantized to int8 as quantize_rows does, then exact int32 sums
+        q_x, s_x = quantize_rows_reference(x)
+        x = q_x.astype(np.float64) * s_x
     want = x.astype(np.float64) @ dequantize(arrays, fmt).astype(np.float64)
     got = y.numpy()
     rel = np.linalg.norm(got - want) / np.linalg.norm(want)
@@ -87,6 +93,7 @@ def test_refuses_what_it_cannot_tile():
     assert "a multiple of 16" in dg.gemv_check(int4, 64, 72, 8)
     assert "group size 32" in dg.gemv_check(int4, 48, 64, 32)
     assert "no integer GEMV" in dg.gemv_check(WeightFormat("fp16"), 64, 64, 32)
+    assert "a multiple of 16" in dg.gemv_check(WeightFormat("w4a8", 32), 64, 72, 8)
     assert dg.gemv_tiles(int4, 40, 2) is None  # N not a multiple of 16: the int4 kernel does not apply
     assert dg.gemv_tiles(WeightFormat("int8"), 40, 2) == (8, 5)
     assert dg.gemv_tiles(WeightFormat("int8"), 4096, 2) == (32, 2)

@@ -5,7 +5,7 @@ import tvm
 from tvm import relax
 
 from helpers import matmul_module
-from llmcc.kernels.dequant_matmul import WeightFormat, dequant_matmul_reference, quantize
+from llmcc.kernels.dequant_matmul import WeightFormat, dequant_matmul_reference, dequantize, quantize
 from llmcc.passes.quantize_weights import QuantizeWeights
 from llmcc.quant.gate import fingerprint
 
@@ -107,3 +107,31 @@ def _consts(mod):
         e, tvm.ir.GenericConst) else None)
     return found
 
+
+
+def test_w4a8_takes_its_gemv_on_avx2_and_rounds_rows_elsewhere():
+    """A w4a8 GEMV on an AVX2 CPU: w4a8_gemv_avx2 on nibble panels, quantizing its rows itself. A sequence of rows
+    or CUDA: quantize_rows, the rows multiplied back, and the int4 dequant_matmul. Either computes the per-token
+    int8 rows times the dequantized int4 weight."""
+    from llmcc.kernels.w8a8_matmul import quantize_rows_reference
+    from llmcc.targets import host_cpu, resolve
+
+    rng = np.random.default_rng()
+    w = rng.standard_normal((64, 32)).astype("float32")
+    fmt = WeightFormat("w4a8", 32)
+    batch, seq = tvm.tirx.Var("batch", "int64"), tvm.tirx.Var("sequence", "int64")
+    for dims, target, gemv in (([batch, 1], host_cpu(), host_cpu().model().int16_madd),
+                               ([batch, seq], host_cpu(), False), ([batch, 1], resolve("cuda:sm_80"), False)):
+        after = QuantizeWeights({fingerprint(w): ("proj", fmt)}, target)(matmul_module(w, dims))
+        where = f"{dims} on {target.name}"
+        assert (_calls(after, "w4a8_gemv_avx2"), _calls(after, "quantize_rows"),
+                _calls(after, "dequant_matmul_int4_g32")) == ((1, 0, 0) if gemv else (0, 1, 1)), where
+        if target.is_gpu:
+            continue
+        x = rng.standard_normal((2, 3, 64)).astype("float32")
+        x = x[:, :1] if dims[1] == 1 else x
+        q_x, s_x = quantize_rows_reference(x)
+        want = (q_x.astype(np.float64) * s_x) @ dequantize(quantize(w, fmt), fmt).astype(np.float64)
+        got = relax.VirtualMachine(tvm.compile(after, target=target.tvm_target()), tvm.cpu())["main"](
+            tvm.runtime.tensor(x)).numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=where)
