@@ -13,6 +13,11 @@ from llmcc import cuda as _cuda  # noqa: E402
 
 _cuda.prepare_driver()
 
+# Before TVM's thread pool exists: TVM alone would take half the cores on a CPU without SMT (llmcc.threads)
+from llmcc import threads as _threads  # noqa: E402
+
+_threads.default_to_physical_cores()
+
 from llmcc.compiler import compile  # noqa: E402,A004
 from llmcc.errors import LlmccError  # noqa: E402
 from llmcc.module import CompiledModule  # noqa: E402
