@@ -136,10 +136,17 @@ def test_calibration_file_is_used(tiny_onnx, tmp_path):
     assert module.report["quant"]["calibration"] == f"{calib} (1 feeds)"
 
 
-def test_quantized_decode_builds_for_cuda():
+@pytest.mark.parametrize("scheme", ["int4", "w4a8"])
+def test_quantized_decode_builds_for_cuda(scheme):
     """The fused kernels cross-compile for sm_80 (numerics on a GPU: tools/gpu_check.py); with no GPU the report
-    gives the gate's onnxruntime estimate and says the module was not measured."""
-    module = llmcc.compile(zoo.onnx_path("llama-decode"), target="cuda:sm_80", quant="int4")
+    gives the gate's onnxruntime estimate and says the module was not measured. w4a8 on CUDA rounds its rows
+    (quantize_rows) into the same int4 kernels."""
+    # w4a8 at its default budget moves layers up to int4 and int8 (the gate's job): 1.0 keeps them all at w4a8
+    module = llmcc.compile(zoo.onnx_path("llama-decode"), target="cuda:sm_80", quant=scheme,
+                           max_error=1.0 if scheme == "w4a8" else None)
+    if scheme == "w4a8":
+        assert {lp["scheme"] for lp in module.report["quant"]["layers"]} == {"w4a8"}
+        assert any("quantize_rows" in k["name"] for k in module.report["kernels"])
     q = module.report["quant"]
     assert q["error"] is None and 0 < q["estimated_error"] <= q["max_error"]
     sass = module.report["cuda_binary"]["sass_kernels"]["sm_80"]
