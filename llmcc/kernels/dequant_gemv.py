@@ -135,6 +135,29 @@ def _madd(w_pairs, x_pairs):
                                    dtype="int32x8")
 
 
+def _plus_pair(total, word):
+    """``total`` plus both int16 halves of a pair-packed int32 word (sign-extended)."""
+    from tvm.script import tirx as T
+
+    return total + T.shift_right(T.shift_left(word, 16), 16) + T.shift_right(word, 16)
+
+
+def _lane_macros(T):
+    """TVMScript macros shared by the kernels: fill ``vectors`` vectors of a buffer with ``value``; add one vpmaddwd
+    into the 8 int32 lanes of ``acc`` starting at ``at``."""
+
+    @T.macro
+    def fill(buf, vectors, value):
+        for v in range(vectors):
+            buf[T.ramp(v * LANES, 1, LANES)] = T.broadcast(value, LANES)
+
+    @T.macro
+    def madd_into(acc, at, w_pairs, x_pairs):
+        acc[T.ramp(at, 1, LANES)] = acc[T.ramp(at, 1, LANES)] + _madd(w_pairs, x_pairs)
+
+    return fill, madd_into
+
+
 def dequant_gemv_avx2(fmt: WeightFormat, k: int, n: int, chunk: int, tasks: int):
     """The TIR kernel ``(x[rows, K] float32, panels, scale[, zero]) -> y[rows, N] float32``, rows symbolic,
     parallel over ``tasks`` runs of panels; for targets with AVX2."""
@@ -182,6 +205,7 @@ def _int8_gemv(k: int, n: int, chunk: int, tasks: int):
     per_task, block = panels // tasks, INT8_BLOCK_PAIRS
     blocks = -(-k2 // block)
     split_row = _split_row(T)
+    fill, madd_into = _lane_macros(T)
 
     @T.prim_func(private=True)
     def int8_gemv_avx2(a: T.handle, q_pairs: T.Buffer((panels, k2, chunk, 2), "int8"),
@@ -201,20 +225,18 @@ def _int8_gemv(k: int, n: int, chunk: int, tasks: int):
             for m in range(rows):
                 split_row(x, m, k, x_hi, x_lo, scale)
                 for p in range(per_task):
-                    for v in range(vectors):
-                        acc[T.ramp(v * LANES, 1, LANES)] = T.broadcast(T.float32(0), LANES)
+                    fill(acc, vectors, T.float32(0))
                     for b in range(blocks):
-                        for v in range(vectors):
-                            acc_hi[T.ramp(v * LANES, 1, LANES)] = T.broadcast(T.int32(0), LANES)
-                            acc_lo[T.ramp(v * LANES, 1, LANES)] = T.broadcast(T.int32(0), LANES)
+                        fill(acc_hi, vectors, T.int32(0))
+                        fill(acc_lo, vectors, T.int32(0))
                         for kk in range(b * block, T.min(k2, b * block + block)):
                             xh = T.reinterpret(T.broadcast(x_hi[kk], LANES), dtype="int16x16")
                             xl = T.reinterpret(T.broadcast(x_lo[kk], LANES), dtype="int16x16")
                             for v in T.unroll(vectors):
                                 wv = T.Cast("int16x16", w[T.ramp((((t * per_task + p) * k2 + kk) * chunk
                                                                   + v * LANES) * 2, 1, 16)])
-                                acc_hi[T.ramp(v * LANES, 1, LANES)] = acc_hi[T.ramp(v * LANES, 1, LANES)] + _madd(wv, xh)
-                                acc_lo[T.ramp(v * LANES, 1, LANES)] = acc_lo[T.ramp(v * LANES, 1, LANES)] + _madd(wv, xl)
+                                madd_into(acc_hi, v * LANES, wv, xh)
+                                madd_into(acc_lo, v * LANES, wv, xl)
                         for v in T.unroll(vectors):
                             acc[T.ramp(v * LANES, 1, LANES)] = (
                                 acc[T.ramp(v * LANES, 1, LANES)]
@@ -236,6 +258,7 @@ def _int4_gemv(k: int, n: int, chunk: int, tasks: int, group: int, symmetric: bo
     k2, vectors, panels, nibble_groups = k // 2, chunk // LANES, n // chunk, chunk // 16
     per_task, group_pairs, n_groups = panels // tasks, group // 2, k // group
     split_row = _split_row(T, exact)
+    fill, madd_into = _lane_macros(T)
 
     def zero_point(zero, g, col):
         """The group's zero points of 8 columns as int32 lanes (symmetric: the stored offset 8)."""
@@ -260,19 +283,15 @@ def _int4_gemv(k: int, n: int, chunk: int, tasks: int, group: int, symmetric: bo
                     sum_hi[g] = 0
                     sum_lo[g] = 0  # stays 0 without the lo part
                     for kk in range(g * group_pairs, g * group_pairs + group_pairs):
-                        sum_hi[g] = sum_hi[g] + T.shift_right(T.shift_left(x_hi[kk], 16), 16) \
-                            + T.shift_right(x_hi[kk], 16)
+                        sum_hi[g] = _plus_pair(sum_hi[g], x_hi[kk])
                         if exact:
-                            sum_lo[g] = sum_lo[g] + T.shift_right(T.shift_left(x_lo[kk], 16), 16) \
-                                + T.shift_right(x_lo[kk], 16)
+                            sum_lo[g] = _plus_pair(sum_lo[g], x_lo[kk])
                 for p in range(per_task):
-                    for v in range(vectors):
-                        acc[T.ramp(v * LANES, 1, LANES)] = T.broadcast(T.float32(0), LANES)
+                    fill(acc, vectors, T.float32(0))
                     for g in range(n_groups):
-                        for v in range(vectors):
-                            acc_hi[T.ramp(v * LANES, 1, LANES)] = T.broadcast(T.int32(0), LANES)
-                            if exact:
-                                acc_lo[T.ramp(v * LANES, 1, LANES)] = T.broadcast(T.int32(0), LANES)
+                        fill(acc_hi, vectors, T.int32(0))
+                        if exact:
+                            fill(acc_lo, vectors, T.int32(0))
                         for kk in range(g * group_pairs, g * group_pairs + group_pairs):
                             xh = T.reinterpret(T.broadcast(x_hi[kk], LANES), dtype="int16x16")
                             for ng in T.unroll(nibble_groups):
@@ -280,15 +299,12 @@ def _int4_gemv(k: int, n: int, chunk: int, tasks: int, group: int, symmetric: bo
                                                                   + ng) * 16, 1, 16)])
                                 w_lo = T.bitwise_and(wv, T.broadcast(T.int16(15), 16))
                                 w_hi = T.shift_right(wv, T.broadcast(T.int16(4), 16))
-                                acc_hi[T.ramp(ng * 16, 1, LANES)] = acc_hi[T.ramp(ng * 16, 1, LANES)] + _madd(w_lo, xh)
-                                acc_hi[T.ramp(ng * 16 + LANES, 1, LANES)] = \
-                                    acc_hi[T.ramp(ng * 16 + LANES, 1, LANES)] + _madd(w_hi, xh)
+                                madd_into(acc_hi, ng * 16, w_lo, xh)
+                                madd_into(acc_hi, ng * 16 + LANES, w_hi, xh)
                                 if exact:
                                     xl = T.reinterpret(T.broadcast(x_lo[kk], LANES), dtype="int16x16")
-                                    acc_lo[T.ramp(ng * 16, 1, LANES)] = \
-                                        acc_lo[T.ramp(ng * 16, 1, LANES)] + _madd(w_lo, xl)
-                                    acc_lo[T.ramp(ng * 16 + LANES, 1, LANES)] = \
-                                        acc_lo[T.ramp(ng * 16 + LANES, 1, LANES)] + _madd(w_hi, xl)
+                                    madd_into(acc_lo, ng * 16, w_lo, xl)
+                                    madd_into(acc_lo, ng * 16 + LANES, w_hi, xl)
                         for v in T.unroll(vectors):
                             col = (t * per_task + p) * chunk + v * LANES
                             z = zero_point(zero, g, col)
