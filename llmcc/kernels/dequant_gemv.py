@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from llmcc.kernels.dequant_matmul import INT4_KINDS, INT4_PER_WORD, WeightFormat, dequantize
+from llmcc.kernels.dequant_matmul import INT4_KINDS, INT4_PER_WORD, INT8_KINDS, WeightFormat, dequantize
 from llmcc.kernels.w8a8_matmul import INT8_MAX, quantize_rows_reference, pack_pairs, unpack_pairs
 
 HI_MAX = 32767.0
@@ -114,15 +114,15 @@ def gemv_tiles(fmt: WeightFormat, n: int, cores: int) -> tuple[int, int] | None:
 
 def gemv_weights(arrays: list[np.ndarray], fmt: WeightFormat, chunk: int) -> list[np.ndarray]:
     """The kernel's weight inputs from ``dequant_matmul.quantize``'s arrays: the packed panels, then the scales (and
-    the int4 zero points)."""
-    if fmt.kind == "int8":
+    the int4 zero points). int8 and w8a8 share the pair panels of ``w8a8_matmul.pack_pairs``."""
+    if fmt.kind in INT8_KINDS:
         return [pack_pairs(arrays[0], chunk)] + list(arrays[1:])
     return [pack_nibble_pairs(arrays[0], chunk)] + list(arrays[1:])
 
 
 def gemv_weight_matrix(panels: np.ndarray, fmt: WeightFormat) -> np.ndarray:
     """The integer weight q[K, N] a packed panel array holds (for tests)."""
-    return unpack_pairs(panels) if fmt.kind == "int8" else unpack_nibble_pairs(panels)
+    return unpack_pairs(panels) if fmt.kind in INT8_KINDS else unpack_nibble_pairs(panels)
 
 
 # ----------------------------------------------------------------------------------------- kernels (TIR)

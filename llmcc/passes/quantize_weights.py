@@ -160,9 +160,7 @@ class _Rewriter(relax.PyExprMutator):
         kernel are a set of their own, counted in the weight's stored bytes too)."""
         if (key, gemv_chunk) not in self._stored:
             arrays = quantize(weight, fmt)
-            if gemv_chunk and fmt.kind == "w8a8":
-                arrays = [w8a8_matmul.pack_pairs(arrays[0], gemv_chunk)] + list(arrays[1:])
-            elif gemv_chunk:
+            if gemv_chunk:
                 arrays = dequant_gemv.gemv_weights(arrays, fmt, gemv_chunk)
             self._stored[key, gemv_chunk] = [relax.const(np.ascontiguousarray(a)) for a in arrays]
             self.quantized[key] = self.quantized.get(key, 0) + stored_bytes(arrays)
