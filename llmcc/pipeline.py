@@ -35,6 +35,7 @@ from llmcc.passes.expand_integer_power import ExpandIntegerPower
 from llmcc.passes.fuse_attention import FuseAttention
 from llmcc.passes.fuse_dequantize_matmul import FuseDequantizeMatmul
 from llmcc.passes.lift_weights import LiftWeights
+from llmcc.passes.run_nonzero_on_device import RunNonzeroOnDevice
 from llmcc.passes.pack_matmul_weights import PackMatmulWeights
 from llmcc.passes.quantize_weights import QuantizeWeights
 from llmcc.passes.select_gemv_kernels import SelectGemvKernels
@@ -155,6 +156,7 @@ def lower_phase(target: TargetSpec, options: PipelineOptions) -> list:
     return fast_math + [
         TvmPass("dispatch_sampling", relax.backend.DispatchSampling),
         TvmPass("dispatch_sort_scan", relax.backend.DispatchSortScan),
+        RunNonzeroOnDevice(),
         # a reshape stays an op: the VM runs it as a view of the same memory. Legalized, it becomes a copy kernel
         # whose symbolic index arithmetic (a div/mod by the sequence length per element) TVM then no longer
         # recognises as a reshape (llama-decode's KV-cache reshapes: 120 us each)

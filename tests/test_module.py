@@ -78,3 +78,11 @@ def test_report_contract(tiny_module):
     assert v["passed"] is True and v["rel_err"] <= 1e-5 and v["reference"].startswith("onnxruntime")
     assert len(v["cases"]) == 3 and len({c["sequence"] for c in v["cases"]}) == 3
     assert {"import", "lower", "build"} <= set(r["timings"])
+
+
+def test_device_ms_times_the_compiled_call_and_checks_inputs_first(tiny_module):
+    feed = tiny_feed(np.random.default_rng(), 2, 7)
+    ms = tiny_module.device_ms(**feed, number=3, repeat=2)
+    assert isinstance(ms, float) and 0 < ms < float("inf")
+    with pytest.raises(InputError, match="input 'input_ids': dtype int32"):
+        tiny_module.device_ms(**{**feed, "input_ids": feed["input_ids"].astype(np.int32)})
