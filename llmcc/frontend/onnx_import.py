@@ -58,7 +58,26 @@ def load_model(source) -> onnx.ModelProto:
         onnx.checker.check_model(model, full_check=False)
     except Exception as exc:
         raise ImportFailure(f"{where}: invalid ONNX model: {_first_line(exc)}") from None
-    return model
+    return _with_node_names(model)
+
+
+def _with_node_names(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model``, or where some nodes have no name (ONNX allows it) a copy naming each ``{op_type}_{index}``: the
+    quantization plan, the report and error messages know layers by node name (two unnamed MatMuls were one layer
+    to the gate, and its w8a8 simulation gave onnxruntime two nodes of the same name)."""
+    if all(node.name for node in model.graph.node):
+        return model
+    named = onnx.ModelProto()
+    named.CopyFrom(model)
+    taken = {node.name for node in named.graph.node}
+    for index, node in enumerate(named.graph.node):
+        if not node.name:
+            name = f"{node.op_type}_{index}"
+            while name in taken:
+                name += "_"
+            node.name = name
+            taken.add(name)
+    return named
 
 
 def model_opset(model: onnx.ModelProto) -> int:

@@ -344,21 +344,26 @@ def plan(proto: onnx.ModelProto, scheme: QuantScheme, *, max_error: float | None
     return result
 
 
-# A w8a8 (or w4a8) layer rounds activations that earlier kernels computed. Its kernels sum in int32, in another order than
-# onnxruntime's float matmuls, so an activation within float rounding of a half step can round the other way: one
-# int8 step (1/127 of its row's largest value) on one element. On the 4096-wide GEMV chain one such flip moved the
-# output by 4.2e-4 relative (tools/bench_quant.py). Checking against the simulated model allows this much when the
-# plan has such layers; the error vs float32 (measure) still holds the gate's budget, and an indexing or scale bug
-# is off by far more.
+# A w8a8 (or w4a8) layer rounds activations that earlier kernels computed. Its kernels sum in int32, in another
+# order than onnxruntime's float matmuls, so an activation within float rounding of a half step can round the other
+# way: one int8 step (1/127 of its row's largest value) on one element. On the 4096-wide GEMV chain one such flip
+# moved the output by 4.2e-4 relative (tools/bench_quant.py); through a deep model the steps add up (verify_tolerance).
+# An indexing or scale bug is off by far more, and the error vs float32 (measure) still holds the gate's budget.
 W8A8_VERIFY_TOLERANCE = 5e-3
 
 
 def verify_tolerance(p: QuantPlan) -> float | None:
     """The tolerance of checking the compiled module against ``simulated_model``: None (the dtype's own) unless a
-    layer quantizes its activations (w8a8, w4a8)."""
+    layer quantizes its activations (w8a8, w4a8). Then an activation that lands within float32 rounding of a step
+    boundary rounds one way in the kernels and the other in onnxruntime's simulation, and the step it moves carries
+    through every later layer: on all-MiniLM-L6-v2 with every layer w8a8 the module was 0.037 from the simulation
+    (with the TE kernels as with the AVX2 ones, each bit-exact on its own inputs), the size of the quantization
+    noise itself. So the tolerance is W8A8_VERIFY_TOLERANCE or the plan's own error vs float32, whichever is larger:
+    a kernel that computes something else is off by far more, and the module's error vs float32 is checked against
+    --max-error after this anyway."""
     rounded = any(SCHEMES[lp.scheme].weight is not None and SCHEMES[lp.scheme].weight.kind in INT8_ACTIVATION_KINDS
                   for lp in p.layers)
-    return W8A8_VERIFY_TOLERANCE if rounded else None
+    return max(W8A8_VERIFY_TOLERANCE, p.estimated_error) if rounded else None
 
 
 def simulated_model(p: QuantPlan, quantized_fingerprints: set[str]) -> onnx.ModelProto:
