@@ -9,7 +9,7 @@ Four parts (issue 5), all on this CPU with the same thread count for every syste
    every weight once, so its floor is weight bytes / the read bandwidth measured here (numpy sums over a large array, or the
    fastest read any system achieved on weights at least 4x the last-level cache, whichever is higher).
 2. Tiny Llama decode step (zoo "llama-decode" at its longest past): the same systems on a whole model.
-3. all-MiniLM-L6-v2 (real weights): cosine of int8 sentence embeddings vs fp32 on real sentences, and speed.
+3. all-MiniLM-L6-v2 (real weights): cosine of int8 and w8a8 sentence embeddings vs fp32 on real sentences, and speed.
 4. The accuracy gate: tiny Llama prefill at int4 with max_error 0.05: its error and the layers it kept wider.
 
 Speed rows quantize every layer (max_error 1.0: the gate keeps nothing back) so that they time the raw kernels;
@@ -25,6 +25,7 @@ It is a benchmark, not a test: nothing here asserts a timing.
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
 import json
 import os
@@ -43,6 +44,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 import bench  # tools/bench.py: _median_ms, _cpu_name
 
 ALL_LAYERS = 1.0  # max_error that lets the gate quantize every layer: speed rows time the raw kernels
+W8A8_EVERY_LAYER = "llmcc w8a8, every layer"
 
 SENTENCES = [
     "The cat sat quietly on the warm windowsill.",
@@ -371,18 +373,20 @@ def bench_minilm(threads: int, repeat: int, workdir: Path, sentences: list[str],
         hidden = zoo.torch_module("minilm")(*(torch.from_numpy(tokens[k]) for k in ("input_ids", "attention_mask")))[0]
     torch_emb = sentence_embeddings(hidden.numpy(), tokens["attention_mask"])
 
-    embeddings, speed, gate = {}, [], {}
+    embeddings, speed, gates = {}, [], {}
     runners = []
-    for quant in ("none", "int8"):
-        print(f"minilm: {llmcc_system(quant)} ...", flush=True)
-        module, compile_s = compile_llmcc(src, quant)  # the gate at int8's default budget, as a user runs it
+    # the gate at the scheme's default budget, as a user runs it; and w8a8 on every layer, for its kernels' speed
+    for system, quant, max_error in (("llmcc fp32", "none", None), ("llmcc int8", "int8", None),
+                                     ("llmcc w8a8", "w8a8", None), (W8A8_EVERY_LAYER, "w8a8", ALL_LAYERS)):
+        print(f"minilm: {system} ...", flush=True)
+        module, compile_s = compile_llmcc(src, quant, max_error)
         if quant != "none":
             q = module.report["quant"]
-            gate = {"max_error": q["max_error"], "error": q["error"], "weight_ratio": q["weight_bytes"]["ratio"],
-                    "layers": len(q["layers"]),
-                    "kept": [{"name": lp["name"], "scheme": lp["scheme"]} for lp in q["layers"]
-                             if lp["scheme"] != quant]}
-        runners.append((llmcc_system(quant), module.run, compile_s))
+            gates[system] = {"max_error": q["max_error"], "error": q["error"],
+                             "weight_ratio": q["weight_bytes"]["ratio"], "layers": len(q["layers"]),
+                             "kept": [{"name": lp["name"], "scheme": lp["scheme"]} for lp in q["layers"]
+                                      if lp["scheme"] != quant]}
+        runners.append((system, module.run, compile_s))
     runners += [("onnxruntime fp32", ort_runner(src, threads), None),
                 ("onnxruntime int8 (dynamic)", ort_runner(ort_int8(src, workdir / "minilm-int8.onnx"), threads), None)]
     for system, run, compile_s in runners:
@@ -391,12 +395,13 @@ def bench_minilm(threads: int, repeat: int, workdir: Path, sentences: list[str],
         ms, runs = median_ms(run, speed_feed, repeat)
         speed.append({"system": system, "ms": ms, "runs": runs, "compile_s": compile_s})
 
-    pairs = [("llmcc int8", "llmcc fp32"), ("llmcc int8", "torch fp32"), ("llmcc fp32", "torch fp32"),
+    pairs = [("llmcc int8", "llmcc fp32"), ("llmcc int8", "torch fp32"), ("llmcc w8a8", "llmcc fp32"),
+             (W8A8_EVERY_LAYER, "llmcc fp32"), ("llmcc fp32", "torch fp32"),
              ("onnxruntime int8 (dynamic)", "torch fp32"), ("onnxruntime fp32", "torch fp32")]
     embeddings["torch fp32"] = torch_emb
     cosines = [{"system": a, "vs": b, **cosine_stats(embeddings[a], embeddings[b])} for a, b in pairs]
     return {"sentences": len(sentences), "tokens": int(tokens["input_ids"].shape[1]), "cosine": cosines,
-            "speed_batch": batch, "speed_seq": seq, "speed": speed, "gate": gate}
+            "speed_batch": batch, "speed_seq": seq, "speed": speed, "gates": gates}
 
 
 # ------------------------------------------------------------------------------------------------- 4. the gate
@@ -479,16 +484,22 @@ def decode_md(dec: dict) -> list[str]:
 
 
 def minilm_md(lm: dict) -> list[str]:
-    gate, vs = lm["gate"], _vs(lm["speed"], "onnxruntime fp32")
-    kept = ", ".join(f"{k['name']}: {k['scheme']}" for k in gate["kept"]) or "none"
+    vs = _vs(lm["speed"], "onnxruntime fp32")
+
+    def gate_line(system, gate):
+        kept = [k for k in gate["kept"]]
+        counts = collections.Counter(k["scheme"] for k in kept)
+        wider = ", ".join(f"{n} {scheme}" for scheme, n in sorted(counts.items())) or "none"
+        return (f"- {system}, max_error {gate['max_error']}: measured error {gate['error']:.3g}, weight ratio "
+                f"{gate['weight_ratio']:.3f}, {len(kept)} of {gate['layers']} layers kept wider ({wider}).")
+
     return [
-        (f"\n## all-MiniLM-L6-v2 int8: sentence embeddings on {lm['sentences']} real sentences (padded to "
+        (f"\n## all-MiniLM-L6-v2 int8 and w8a8: sentence embeddings on {lm['sentences']} real sentences (padded to "
          f"{lm['tokens']} tokens)\n"),
-        (f"llmcc int8 with the gate at its default budget (max_error {gate['max_error']}): measured error "
-         f"{gate['error']:.3g}, weight ratio {gate['weight_ratio']:.3f}, {len(gate['kept'])} of {gate['layers']} "
-         f"layers kept wider ({kept}). Embeddings: mean pooling of last_hidden_state over the attention mask, then "
-         f"L2 normalization (as sentence-transformers does); rel err is relative (Frobenius) over the embedding "
-         f"matrix.\n"),
+        "The gate at each scheme's default budget, as a user runs it, and w8a8 on every layer (max_error 1.0):\n",
+        *(gate_line(system, gate) for system, gate in lm["gates"].items()),
+        ("\nEmbeddings: mean pooling of last_hidden_state over the attention mask, then L2 normalization (as "
+         "sentence-transformers does); rel err is relative (Frobenius) over the embedding matrix.\n"),
         "| embeddings | vs | min cosine | mean cosine | rel err |",
         "|---|---|---|---|---|",
         *(f"| {c['system']} | {c['vs']} | {c['min_cos']:.6f} | {c['mean_cos']:.6f} | {c['rel_err']:.1e} |"

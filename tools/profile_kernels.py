@@ -4,6 +4,7 @@
     python tools/profile_kernels.py gpt2                      # a zoo model, batch 1 x 128, cpu
     python tools/profile_kernels.py minilm --seq 128 --batch 8 --top 20
     python tools/profile_kernels.py model.onnx --dims batch=1,sequence=64
+    python tools/profile_kernels.py minilm --seq 128 --batch 8 --quant w8a8    # every layer quantized
 
 Prints the plain time of one run, the instrumented sum (the hook adds a little per call) and the slowest entries
 with their calls per run. It reports; nothing asserts a timing.
@@ -31,6 +32,7 @@ def main(argv=None) -> int:
     parser.add_argument("--top", type=int, default=14)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-fuse-attention", action="store_true")
+    parser.add_argument("--quant", default="none", help="quantization scheme, every layer (max_error 1.0)")
     args = parser.parse_args(argv)
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
 
@@ -38,11 +40,13 @@ def main(argv=None) -> int:
     from llmcc import zoo
     from llmcc.cli import _load_inputs
 
+    options = dict(verify=False, fuse_attention=not args.no_fuse_attention, quant=args.quant,
+                   max_error=None if args.quant == "none" else 1.0)
     if Path(args.model).is_file():  # random inputs, as `llmcc run --random --dims ...` makes them
-        module = llmcc.compile(args.model, verify=False, fuse_attention=not args.no_fuse_attention)
+        module = llmcc.compile(args.model, **options)
         feeds = _load_inputs(module, argparse.Namespace(input=None, random=True, dims=args.dims, seed=0))
     else:
-        module = llmcc.compile(zoo.onnx_path(args.model), verify=False, fuse_attention=not args.no_fuse_attention)
+        module = llmcc.compile(zoo.onnx_path(args.model), **options)
         feeds = zoo.sample_inputs(args.model, args.seq, batch=args.batch)
 
     for _ in range(3):

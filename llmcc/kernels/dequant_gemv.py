@@ -31,7 +31,8 @@ from __future__ import annotations
 import numpy as np
 
 from llmcc.kernels.dequant_matmul import INT4_KINDS, INT4_PER_WORD, INT8_KINDS, WeightFormat, dequantize
-from llmcc.kernels.w8a8_matmul import INT8_MAX, quantize_rows_reference, pack_pairs, unpack_pairs
+from llmcc.kernels.w8a8_matmul import (INT8_MAX, lane_macros, pack_pairs, quantize_rows_reference,
+                                       unpack_pairs)
 
 HI_MAX = 32767.0
 LO_SCALE = 32768.0         # lo counts 2^-15 steps of hi
@@ -128,34 +129,11 @@ def gemv_weight_matrix(panels: np.ndarray, fmt: WeightFormat) -> np.ndarray:
 # ----------------------------------------------------------------------------------------- kernels (TIR)
 
 
-def _madd(w_pairs, x_pairs):
-    from tvm.script import tirx as T
-
-    return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), w_pairs, x_pairs,
-                                   dtype="int32x8")
-
-
 def _plus_pair(total, word):
     """``total`` plus both int16 halves of a pair-packed int32 word (sign-extended)."""
     from tvm.script import tirx as T
 
     return total + T.shift_right(T.shift_left(word, 16), 16) + T.shift_right(word, 16)
-
-
-def _lane_macros(T):
-    """TVMScript macros shared by the kernels: fill ``vectors`` vectors of a buffer with ``value``; add one vpmaddwd
-    into the 8 int32 lanes of ``acc`` starting at ``at``."""
-
-    @T.macro
-    def fill(buf, vectors, value):
-        for v in range(vectors):
-            buf[T.ramp(v * LANES, 1, LANES)] = T.broadcast(value, LANES)
-
-    @T.macro
-    def madd_into(acc, at, w_pairs, x_pairs):
-        acc[T.ramp(at, 1, LANES)] = acc[T.ramp(at, 1, LANES)] + _madd(w_pairs, x_pairs)
-
-    return fill, madd_into
 
 
 def dequant_gemv_avx2(fmt: WeightFormat, k: int, n: int, chunk: int, tasks: int):
@@ -205,7 +183,7 @@ def _int8_gemv(k: int, n: int, chunk: int, tasks: int):
     per_task, block = panels // tasks, INT8_BLOCK_PAIRS
     blocks = -(-k2 // block)
     split_row = _split_row(T)
-    fill, madd_into = _lane_macros(T)
+    fill, madd_into = lane_macros(T)
 
     @T.prim_func(private=True)
     def int8_gemv_avx2(a: T.handle, q_pairs: T.Buffer((panels, k2, chunk, 2), "int8"),
@@ -258,7 +236,7 @@ def _int4_gemv(k: int, n: int, chunk: int, tasks: int, group: int, symmetric: bo
     k2, vectors, panels, nibble_groups = k // 2, chunk // LANES, n // chunk, chunk // 16
     per_task, group_pairs, n_groups = panels // tasks, group // 2, k // group
     split_row = _split_row(T, exact)
-    fill, madd_into = _lane_macros(T)
+    fill, madd_into = lane_macros(T)
 
     def zero_point(zero, g, col):
         """The group's zero points of 8 columns as int32 lanes (symmetric: the stored offset 8)."""

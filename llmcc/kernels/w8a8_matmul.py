@@ -105,6 +105,30 @@ def gemv_pairs_chunk(n: int, cores: int) -> int | None:
     return None
 
 
+def madd_pairs(w_pairs, x_pairs):
+    """vpmaddwd: 16 int16 products, summed in adjacent pairs into 8 int32 lanes."""
+    from tvm.script import tirx as T
+
+    return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), w_pairs, x_pairs,
+                                   dtype="int32x8")
+
+
+def lane_macros(T):
+    """TVMScript macros shared by the vpmaddwd kernels (here and in dequant_gemv): fill ``vectors`` 8-lane vectors
+    of a buffer with ``value``; add one vpmaddwd into the 8 int32 lanes of ``acc`` starting at ``at``."""
+
+    @T.macro
+    def fill(buf, vectors, value):
+        for v in range(vectors):
+            buf[T.ramp(v * GEMV_LANES, 1, GEMV_LANES)] = T.broadcast(value, GEMV_LANES)
+
+    @T.macro
+    def madd_into(acc, at, w_pairs, x_pairs):
+        acc[T.ramp(at, 1, GEMV_LANES)] = acc[T.ramp(at, 1, GEMV_LANES)] + madd_pairs(w_pairs, x_pairs)
+
+    return fill, madd_into
+
+
 def gemv_pairs_avx2(k: int, n: int, chunk: int):
     """The hand-scheduled TIR kernel ``(q_x[rows, K] int8, s_x[rows, 1], q_pairs[N/chunk, K/2, chunk, 2] int8,
     s_w[N]) -> y[rows, N] float32``, rows symbolic, parallel over chunks of N; for targets with AVX2."""
@@ -114,6 +138,7 @@ def gemv_pairs_avx2(k: int, n: int, chunk: int):
     from tvm.script import tirx as T
 
     k2, vectors, panels = k // 2, chunk // GEMV_LANES, n // chunk
+    _, madd_into = lane_macros(T)
 
     @T.prim_func(private=True)
     def w8a8_gemv_avx2(a: T.handle, sa: T.handle, q_pairs: T.Buffer((panels, k2, chunk, 2), "int8"),
@@ -135,10 +160,111 @@ def gemv_pairs_avx2(k: int, n: int, chunk: int):
                     x_pairs = T.reinterpret(T.broadcast(pair, GEMV_LANES), dtype="int16x16")
                     for v in T.unroll(vectors):
                         w_pairs = T.Cast("int16x16", w[T.ramp(((c * k2 + kk) * chunk + v * GEMV_LANES) * 2, 1, 16)])
-                        acc[T.ramp(v * GEMV_LANES, 1, GEMV_LANES)] = acc[T.ramp(v * GEMV_LANES, 1, GEMV_LANES)] + \
-                            T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
-                                                    w_pairs, x_pairs, dtype="int32x8")
+                        madd_into(acc, v * GEMV_LANES, w_pairs, x_pairs)
                 for j in range(chunk):
                     y[m, c * chunk + j] = T.Cast("float32", acc[j]) * s_x[m, 0] * s_w[c * chunk + j]
 
     return w8a8_gemv_avx2
+
+
+# ----------------------------------------------------------------------------------------- GEMM for AVX2 CPUs
+#
+# Prefill's w8a8 matmuls are compute-bound. Without VNNI, vpmaddwd + vpaddd still sustain 1.67x the multiply-adds of
+# float32 FMA on one core of this machine (tools/mac_throughput.c: 72 vs 43 GMAC/s), so integer products can beat
+# float32 here where the GEMV above only had to keep up with memory. The kernel reads the GEMV's pair panels (one
+# set of constants for both) and quantizes the activation rows itself, once, into a workspace where each k pair is
+# one int32 word (two int16 halves), so that a row's pair is one vpbroadcastd. Its register tile is GEMM_ROWS rows
+# x 16 outputs: per k pair, two weight loads (vpmovsxbw) and four broadcasts feed eight vpmaddwd into eight
+# accumulators (128 multiply-adds in 22 ops). Each parallel task owns whole panels; inside one, 16-output strips,
+# then blocks of rows, walk the panel front to back while its bytes stay in cache. int32 sums cannot overflow:
+# |q| <= 127, so a k pair adds at most 32258, and K <= GEMM_MAX_K keeps the total under 2^31. 1.33-1.36x llmcc's
+# float32 matmul at MiniLM's shapes (tools/bench_w8a8_gemm.py).
+
+GEMM_ROWS = 4
+GEMM_STRIP = 16               # outputs of one register tile: two vpmaddwd vectors
+GEMM_MAX_K = 2 * (2**31 - 1) // (2 * 127 * 127)
+
+
+def gemm_pairs_check(k: int, n: int, chunk: int) -> str | None:
+    """Why a [k, n] weight in ``chunk``-output pair panels cannot take the GEMM, or None."""
+    problem = gemv_pairs_check(k, n, chunk)
+    if problem:
+        return problem
+    if chunk % GEMM_STRIP:
+        return f"the {chunk}-output panels are not a multiple of the {GEMM_STRIP}-output register tile"
+    if k > GEMM_MAX_K:
+        return f"K={k} could overflow the int32 sums (at most {GEMM_MAX_K})"
+    return None
+
+
+def gemm_pairs_avx2(k: int, n: int, chunk: int):
+    """The hand-scheduled TIR kernel ``(x[rows, K] float32, q_pairs[N/chunk, K/2, chunk, 2] int8, s_w[N]) ->
+    y[rows, N] float32``, rows symbolic, for targets with AVX2. Two parallel loops: over rows, quantizing each as
+    ``quantize_rows`` does (bit for bit: the same max, division and round-half-even) into a workspace of pair words;
+    then over panels, the register-tiled products."""
+    problem = gemm_pairs_check(k, n, chunk)
+    if problem:
+        raise ValueError(f"w8a8 GEMM: {problem}")
+    from tvm.script import tirx as T
+
+    k2, panels, strips, lanes, tile = k // 2, n // chunk, chunk // GEMM_STRIP, GEMV_LANES, GEMM_ROWS
+    vectors = k // lanes
+    _, madd_into = lane_macros(T)
+
+    @T.macro
+    def quantize_rows(x, rows, x_pairs, s_x):
+        """Row m's int8 values as int16 (so that word kk of the row holds k = 2kk and 2kk + 1), and its scale."""
+        q = T.decl_buffer((rows * k,), "int16", data=x_pairs.data)
+        for m in T.parallel(rows):
+            top = T.decl_buffer((lanes,), "float32")
+            scale = T.decl_buffer((1,), "float32")
+            top[T.ramp(0, 1, lanes)] = T.broadcast(T.float32(0), lanes)
+            for v in range(vectors):
+                top[T.ramp(0, 1, lanes)] = T.max(top[T.ramp(0, 1, lanes)], T.fabs(x[m, T.ramp(v * lanes, 1, lanes)]))
+            scale[0] = T.float32(0)
+            for i in range(lanes):
+                scale[0] = T.max(scale[0], top[i])
+            for i in range(vectors * lanes, k):
+                scale[0] = T.max(scale[0], T.fabs(x[m, i]))
+            scale[0] = T.max(scale[0] / T.float32(INT8_MAX), T.float32(TINY))
+            s_x[m] = scale[0]
+            for v in range(vectors):
+                q[T.ramp(m * k + v * lanes, 1, lanes)] = T.Cast("int16x8", T.nearbyint(
+                    x[m, T.ramp(v * lanes, 1, lanes)] / T.broadcast(scale[0], lanes)))
+            for i in range(vectors * lanes, k):
+                q[m * k + i] = T.Cast("int16", T.nearbyint(x[m, i] / scale[0]))
+
+    @T.prim_func(private=True)
+    def w8a8_gemm_avx2(a: T.handle, q_pairs: T.Buffer((panels, k2, chunk, 2), "int8"),
+                       s_w: T.Buffer((n,), "float32"), y_handle: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        rows = T.int64()
+        x = T.match_buffer(a, (rows, k), "float32")
+        y = T.match_buffer(y_handle, (rows, n), "float32")
+        w = T.decl_buffer((panels * k2 * chunk * 2,), "int8", data=q_pairs.data)
+        x_pairs = T.decl_buffer((rows * k2,), "int32")
+        s_x = T.decl_buffer((rows,), "float32")
+        quantize_rows(x, rows, x_pairs, s_x)
+        for c in T.parallel(panels):
+            acc = T.decl_buffer((tile * GEMM_STRIP,), "int32")
+            for strip in range(strips):
+                for block in range((rows + tile - 1) // tile):
+                    for v in T.unroll(tile * 2):
+                        acc[T.ramp(v * lanes, 1, lanes)] = T.broadcast(T.int32(0), lanes)
+                    for kk in range(k2):
+                        base = ((c * k2 + kk) * chunk + strip * GEMM_STRIP) * 2
+                        w0 = T.Cast("int16x16", w[T.ramp(base, 1, 16)])
+                        w1 = T.Cast("int16x16", w[T.ramp(base + 16, 1, 16)])
+                        for r in T.unroll(tile):
+                            xb = T.reinterpret(T.broadcast(x_pairs[T.min(block * tile + r, rows - 1) * k2 + kk],
+                                                           lanes), dtype="int16x16")
+                            madd_into(acc, 2 * r * lanes, w0, xb)
+                            madd_into(acc, (2 * r + 1) * lanes, w1, xb)
+                    for r in range(tile):
+                        if block * tile + r < rows:
+                            for j in range(GEMM_STRIP):
+                                col = c * chunk + strip * GEMM_STRIP + j
+                                y[block * tile + r, col] = (T.Cast("float32", acc[r * GEMM_STRIP + j])
+                                                            * s_x[block * tile + r] * s_w[col])
+
+    return w8a8_gemm_avx2

@@ -21,9 +21,11 @@ An embedding ``R.take(table, ids, axis=0)`` becomes ``dequant_take``: only the g
 
 w8a8 quantizes the activations first (``quantize_rows``) and sums int8 products in int32 (``int8_matmul``).
 
-On an AVX2 CPU a w8a8 GEMV (one row per batch element: decode) instead reads its weight pair-packed in panels,
-[N/chunk, K/2, chunk, 2] int8, in the hand-scheduled vpmaddwd kernel ``w8a8_gemv_avx2``; its rows are the
-activation's leading dims flattened (int8 and int4 GEMVs get theirs from ``select_gemv_kernels``, later)::
+On an AVX2 CPU w8a8 instead reads its weight pair-packed in panels, [N/chunk, K/2, chunk, 2] int8, in a
+hand-scheduled vpmaddwd kernel: ``w8a8_gemv_avx2`` for one row per batch element (decode), ``w8a8_gemm_avx2``
+(4 rows x 16 outputs per register tile; it quantizes its rows itself) for anything else (prefill). Either takes
+the activation's leading dims flattened into rows (int8 and int4 GEMVs get theirs from ``select_gemv_kernels``,
+later)::
 
     lv = R.call_te(quantize_rows, x)                                   # (q_x [batch, 1, K] int8, s_x [batch, 1, 1])
     q = R.reshape(lv[0], (batch, K)); s = R.reshape(lv[1], (batch, 1))
@@ -124,19 +126,26 @@ class _Rewriter(relax.PyExprMutator):
             return self.builder_.call_te(dequant_take_te(fmt), call.args[1], *self._store(key, weight, fmt),
                                          primfunc_name_hint=f"dequant_take_{fmt.tag}")
         if fmt.kind == "w8a8":
-            rows = self.builder_.emit(self.builder_.call_te(quantize_rows_te, call.args[0],
-                                                            primfunc_name_hint="quantize_rows"))
-            gemv = self._w8a8_gemv(call.args[0].ty, weight.shape)
-            if gemv is not None:
-                kernel, chunk = gemv
-                return call_on_rows(self.builder_, kernel,
-                                    [relax.TupleGetItem(rows, 0), relax.TupleGetItem(rows, 1)], call.args[0].ty,
-                                    weight.shape[1], self._store(key, weight, fmt, gemv_chunk=chunk))
-            return self.builder_.call_te(int8_matmul_te, relax.TupleGetItem(rows, 0), relax.TupleGetItem(rows, 1),
-                                         *self._store(key, weight, fmt), primfunc_name_hint="int8_matmul")
+            return self._w8a8_matmul(call.args[0], key, weight, fmt)
         if fmt.kind == "w4a8":
             return self._w4a8_matmul(call.args[0], key, weight, fmt)
         return call_dequant_matmul(self.builder_, fmt, call.args[0], *self._store(key, weight, fmt))
+
+    def _w8a8_matmul(self, x, key, weight, fmt):
+        """On AVX2 the pair-panel kernels: the GEMV for one row per batch element (on ``quantize_rows``), else the
+        GEMM, which quantizes its rows itself. Otherwise quantize_rows and the TE int8_matmul."""
+        func, chunk, kind = self._w8a8_kernel(x.ty, weight.shape) or (None, 0, None)
+        if kind == "gemm":
+            rows = [x]
+        else:
+            quantized = self.builder_.emit(self.builder_.call_te(quantize_rows_te, x,
+                                                                 primfunc_name_hint="quantize_rows"))
+            rows = [relax.TupleGetItem(quantized, 0), relax.TupleGetItem(quantized, 1)]
+        if func is None:
+            return self.builder_.call_te(int8_matmul_te, *rows, *self._store(key, weight, fmt),
+                                         primfunc_name_hint="int8_matmul")
+        return call_on_rows(self.builder_, func, rows, x.ty, weight.shape[1],
+                            self._store(key, weight, fmt, gemv_chunk=chunk))
 
     def _w4a8_matmul(self, x, key, weight, fmt):
         """A GEMV on AVX2: ``w4a8_gemv_avx2``, which quantizes its rows itself. Otherwise the rows quantized and
@@ -166,19 +175,26 @@ class _Rewriter(relax.PyExprMutator):
             self.quantized[key] = self.quantized.get(key, 0) + stored_bytes(arrays)
         return self._stored[key, gemv_chunk]
 
-    def _w8a8_gemv(self, x_ty, weight_shape):
-        """(the pair-packed GEMV kernel's GlobalVar, its chunk) for x [..., K] @ W [K, N], when the target has AVX2
-        and every leading dim of x is 1 or a batch size; else None."""
-        if self.gemv_cores is None or not one_row_per_batch(x_ty):
+    def _w8a8_kernel(self, x_ty, weight_shape):
+        """(the pair-panel kernel's GlobalVar, its panel width, "gemv" or "gemm") for x [..., K] @ W [K, N] on an
+        AVX2 target: the GEMV when every leading dim of x is 1 or a batch size, else the GEMM; None when the shapes
+        fit neither."""
+        if self.gemv_cores is None:
             return None
         k, n = weight_shape
         chunk = w8a8_matmul.gemv_pairs_chunk(n, self.gemv_cores)
-        if chunk is None or w8a8_matmul.gemv_pairs_check(k, n, chunk):
+        if chunk is None:
             return None
-        if (k, n, chunk) not in self._gemv_kernels:
-            func = w8a8_matmul.gemv_pairs_avx2(k, n, chunk)
-            self._gemv_kernels[k, n, chunk] = self.builder_.add_func(func, "w8a8_gemv_avx2")
-        return self._gemv_kernels[k, n, chunk], chunk
+        kind = "gemv" if one_row_per_batch(x_ty) else "gemm"
+        check, make = ((w8a8_matmul.gemv_pairs_check, w8a8_matmul.gemv_pairs_avx2) if kind == "gemv"
+                       else (w8a8_matmul.gemm_pairs_check, w8a8_matmul.gemm_pairs_avx2))
+        if kind == "gemm" and chunk % w8a8_matmul.GEMM_STRIP:  # the GEMV's narrow panels: one register tile each
+            chunk = w8a8_matmul.GEMM_STRIP
+        if check(k, n, chunk):
+            return None
+        if (kind, k, n, chunk) not in self._gemv_kernels:
+            self._gemv_kernels[kind, k, n, chunk] = self.builder_.add_func(make(k, n, chunk), f"w8a8_{kind}_avx2")
+        return self._gemv_kernels[kind, k, n, chunk], chunk, kind
 
 
 def _gemv_chunk_cores(target) -> int | None:

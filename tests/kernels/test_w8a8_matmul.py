@@ -83,3 +83,50 @@ def test_gemv_pairs_refuses_what_it_cannot_tile():
     assert gemv_pairs_chunk(4096, 2) == 64 and gemv_pairs_chunk(64, 4) == 16 and gemv_pairs_chunk(20, 1) is None
     with pytest.raises(ValueError, match="w8a8 GEMV: K=63 is odd"):
         gemv_pairs_avx2(63, 64, 64)
+
+
+# ---------------------------------------------------------------------------------------------- the AVX2 GEMM
+
+def _gemm_lib(k, n, chunk):
+    from llmcc.kernels.w8a8_matmul import gemm_pairs_avx2
+
+    func = gemm_pairs_avx2(k, n, chunk).with_attr("global_symbol", "main")
+    return tvm.tirx.build(func, target=resolve("cpu").tvm_target())
+
+
+@pytest.mark.skipif(not resolve("cpu").model().int16_madd, reason="needs AVX2")
+@pytest.mark.parametrize("rows", [1, 4, 7, 130])
+def test_gemm_pairs_is_exact(rows, seed):
+    """The register-tiled GEMM on the GEMV's pair panels, quantizing its own rows, gives the w8a8 reference bit for
+    bit: row counts that fill the 4-row tile, leave a partial one, or are one row; K with and without a tail past the
+    last 8-lane vector (the row maximum placed there); an all-zero row; values on a rounding tie; random panel
+    widths."""
+    from llmcc.kernels.w8a8_matmul import gemm_pairs_check, gemv_pairs_chunk, pack_pairs
+
+    rng = np.random.default_rng(seed)
+    k, n = 2 * int(rng.integers(1, 300)), 16 * int(rng.integers(1, 20))
+    chunk = gemv_pairs_chunk(n, cores=int(rng.integers(1, 5)))
+    if gemm_pairs_check(k, n, chunk):
+        chunk = 16
+    x = (rng.standard_normal((rows, k)) * rng.uniform(0.1, 10)).astype(np.float32)
+    x[rows // 2] = 0.0
+    x[0, -1] = 5 * np.abs(x[0]).max() + 1  # the row's maximum in the tail
+    if rows > 1 and k > 8:  # scale 1 and x / scale on .5: round half to even, as numpy does
+        x[-1, 8] = 127
+        x[-1, :8] = np.arange(8, dtype=np.float32) + 0.5
+    q_w, s_w = quantize(rng.standard_normal((k, n)).astype(np.float32), WeightFormat("w8a8"))
+    y = tvm.runtime.tensor(np.full((rows, n), np.nan, np.float32))
+    _gemm_lib(k, n, chunk)["main"](*[tvm.runtime.tensor(a) for a in (x, pack_pairs(q_w, chunk), s_w)], y)
+    np.testing.assert_array_equal(y.numpy(), w8a8_matmul_reference(x, q_w, s_w),
+                                  err_msg=f"seed {seed}: k {k} n {n} chunk {chunk} rows {rows}")
+
+
+def test_gemm_pairs_refuses_what_it_cannot_tile():
+    from llmcc.kernels.w8a8_matmul import GEMM_MAX_K, gemm_pairs_avx2, gemm_pairs_check
+
+    assert gemm_pairs_check(64, 64, 64) is None and gemm_pairs_check(64, 64, 16) is None
+    assert gemm_pairs_check(63, 64, 64) == "K=63 is odd"
+    assert "register tile" in gemm_pairs_check(64, 24, 8)
+    assert "overflow" in gemm_pairs_check(GEMM_MAX_K + 2, 64, 64) and gemm_pairs_check(GEMM_MAX_K, 64, 64) is None
+    with pytest.raises(ValueError, match="w8a8 GEMM: the 8-output panels"):
+        gemm_pairs_avx2(64, 24, 8)

@@ -74,31 +74,57 @@ def test_must_not_fire_without_a_plan_or_on_other_weights():
     assert p.rewrites == 0 and _calls(after, "dequant_matmul") == 0
 
 
-def test_w8a8_gemv_takes_the_pair_packed_kernel_only_where_it_applies():
-    """One row per batch element on an AVX2 CPU: the vpmaddwd GEMV with its [K/2, N, 2] weight. A sequence of rows,
-    a CPU without AVX2, and CUDA keep the int8 matmul."""
+def test_w8a8_takes_the_pair_packed_kernels_only_where_they_apply():
+    """On an AVX2 CPU: one row per batch element takes the vpmaddwd GEMV, a sequence of rows the vpmaddwd GEMM, both
+    on the same [N/chunk, K/2, chunk, 2] panels. A CPU without AVX2, CUDA, and for the GEMM an N that is not a
+    multiple of its 16-output tile keep the int8 matmul."""
     from llmcc.kernels.w8a8_matmul import gemv_pairs_chunk
     from llmcc.targets import TargetSpec, host_cpu, resolve
 
     rng = np.random.default_rng()
-    w = rng.standard_normal((64, 32)).astype("float32")
-    plan = {fingerprint(w): ("proj", WeightFormat("w8a8"))}
     batch, seq = tvm.tirx.Var("batch", "int64"), tvm.tirx.Var("sequence", "int64")
     sse = TargetSpec("cpu", "llvm", mcpu="x86-64")
-    cases = [([batch, 1], host_cpu(), True), ([1, 1], host_cpu(), True), ([batch, seq], host_cpu(), False),
-             ([batch, 1], sse, False), ([batch, 1], resolve("cuda:sm_80"), False)]
-    for dims, target, gemv in cases:
-        if gemv and not target.model().int16_madd:
+    kernels = ("w8a8_gemv_avx2", "w8a8_gemm_avx2", "int8_matmul")
+    cases = [(32, [batch, 1], host_cpu(), "w8a8_gemv_avx2"), (32, [1, 1], host_cpu(), "w8a8_gemv_avx2"),
+             (32, [batch, seq], host_cpu(), "w8a8_gemm_avx2"), (32, [seq], host_cpu(), "w8a8_gemm_avx2"),
+             (24, [batch, seq], host_cpu(), "int8_matmul"), (24, [batch, 1], host_cpu(), "w8a8_gemv_avx2"),
+             (32, [batch, 1], sse, "int8_matmul"), (32, [batch, seq], sse, "int8_matmul"),
+             (32, [batch, seq], resolve("cuda:sm_80"), "int8_matmul")]
+    for n, dims, target, kernel in cases:
+        if kernel.endswith("avx2") and not target.model().int16_madd:
             continue
-        p = QuantizeWeights(plan, target)
+        w = rng.standard_normal((64, n)).astype("float32")
+        p = QuantizeWeights({fingerprint(w): ("proj", WeightFormat("w8a8"))}, target)
         after = p(matmul_module(w, dims))
-        assert (_calls(after, "w8a8_gemv_avx2"), _calls(after, "int8_matmul")) == ((1, 0) if gemv else (0, 1)), \
-            f"{dims} on {target.name} ({target.mcpu})"
+        assert [_calls(after, name) for name in kernels] == [int(name == kernel) for name in kernels], \
+            f"N {n}, {dims} on {target.name} ({target.mcpu})"
         pairs = [c for c in _consts(after) if str(c.ty.dtype) == "int8"]
-        chunk = gemv_pairs_chunk(32, target.model().cores) if gemv else None
+        chunk = gemv_pairs_chunk(n, target.model().cores) if kernel.endswith("avx2") else None
         assert [tuple(int(d) for d in c.ty.shape.values) for c in pairs] == \
-            [(32 // chunk, 32, chunk, 2) if gemv else (64, 32)]
-        assert p.quantized[fingerprint(w)] == 64 * 32 + 32 * 4  # one byte per weight and a scale per column
+            [(n // chunk, 32, chunk, 2) if chunk else (64, n)]
+        assert p.quantized[fingerprint(w)] == 64 * n + n * 4  # one byte per weight and a scale per column
+
+
+def test_w8a8_gemm_module_matches_the_reference(seed):
+    """A prefill-shaped w8a8 matmul through the pass, the pipeline and the VM equals w8a8_matmul_reference."""
+    from llmcc import pipeline
+    from llmcc.kernels.w8a8_matmul import w8a8_matmul_reference
+    from llmcc.targets import host_cpu
+
+    target = host_cpu()
+    if not target.model().int16_madd:
+        return
+    rng = np.random.default_rng(seed)
+    k, n = 2 * int(rng.integers(8, 100)), 16 * int(rng.integers(1, 8))
+    w = rng.standard_normal((k, n)).astype("float32")
+    seq = tvm.tirx.Var("sequence", "int64")
+    mod = QuantizeWeights({fingerprint(w): ("proj", WeightFormat("w8a8"))}, target)(matmul_module(w, [2, seq]))
+    result = pipeline.run(mod, target)
+    vm = relax.VirtualMachine(tvm.compile(result.mod, target=target.tvm_target(), relax_pipeline=None), tvm.cpu())
+    x = (rng.standard_normal((2, int(rng.integers(1, 40)), k)) * rng.uniform(0.1, 10)).astype("float32")
+    got = vm["main"](tvm.runtime.tensor(x), *[tvm.runtime.tensor(a) for _, a in result.weights]).numpy()
+    want = w8a8_matmul_reference(x, *quantize(w, WeightFormat("w8a8")))
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * np.abs(want).max(), err_msg=f"seed {seed}")
 
 
 def _consts(mod):
