@@ -106,3 +106,47 @@ def test_tune_zoo_and_bench_tuning_smoke(tmp_path):
     (row,) = json.loads((tmp_path / "tuning.json").read_text())["results"]["zoo"]
     assert row["model"] == "llama-decode" and row["verify"] and row["provenance"].get("tuned", 0) >= 1
     assert "| llama-decode |" in (tmp_path / "tuning.md").read_text()
+
+
+def test_gpu_check_quant_dry_run(tmp_path):
+    r = _run(ROOT / "tools" / "gpu_check_quant.py", "--dry-run", "--n", "256", "--schemes", "int8", "w4a8",
+             "--out", tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = json.loads((tmp_path / "gpu_check_quant.json").read_text())["rows"]
+    assert [(row["part"], row["scheme"]) for row in rows] == [
+        ("decode", "int8"), ("decode", "w4a8"), ("gemv", "int8"), ("gemv", "w4a8"),
+        ("gemv", "torch float32"), ("gemv", "torch float16")]
+    for row in rows[:4]:  # checked by the compiler against the plan's dequantized weights, at the plan's tolerance
+        assert row["passed"] and row["verify_rel_err"] <= row["verify_tol"] and row["device_ms"] > 0
+        assert 0 < row["quant_error"] < 0.5
+    assert "| gemv | w4a8 |" in (tmp_path / "gpu_check_quant.md").read_text()
+
+
+def test_gpu_check_quant_without_gpu_says_so():
+    r = _run(ROOT / "tools" / "gpu_check_quant.py")
+    assert r.returncode == 2 and "no usable GPU here" in r.stderr
+
+
+def test_bench_w8a8_gemm_reports_both_kernels():
+    r = _run(ROOT / "tools" / "bench_w8a8_gemm.py", "--rows", "9", "--shapes", "32x48")
+    assert r.returncode == 0, r.stdout + r.stderr
+    (row,) = [line for line in r.stdout.splitlines() if line.startswith("| 32 x 48 |")]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert float(cells[2]) > 0 and float(cells[4]) > 0 and cells[7]
+
+
+def test_mac_throughput_probe_builds_and_runs(tmp_path):
+    import shutil
+
+    import pytest
+
+    from llmcc.targets import host_cpu
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None or not host_cpu().model().int16_madd:
+        pytest.skip("needs a C compiler and an AVX2 CPU")
+    exe = tmp_path / "mac_throughput"
+    subprocess.run([cc, "-O2", "-mavx2", "-mfma", str(ROOT / "tools" / "mac_throughput.c"), "-o", str(exe)],
+                   check=True, timeout=120)
+    out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120).stdout
+    assert out.startswith("GMAC/s on one core: float32 FMA") and "vpmaddwd" in out
