@@ -177,8 +177,11 @@ def test_dispatcher_runs_buckets_where_they_pay_and_the_rule_elsewhere(bucket_db
                 return bk["kernel"], True
         return None, False
 
+    # min_elements come from measured timings: the last shapes sit just at and below each bucket's threshold, so
+    # that some shape takes the padded path whatever they are (but for both at their bucket's full size)
+    low, high = int(small["min_elements"]), int(large["min_elements"])
     shapes = [(2, 16), (1, 16), (2, 17), (2, 32), (1, 32), (2, 33), (3, 8), (1, 1),
-              (2, int(small["min_elements"]) // 2), (1, int(large["min_elements"]) - 1)]
+              (2, low // 2), (2, -(-low // 2)), (1, low), (2, -(-high // 2)), (1, high), (1, high - 1)]
     cases = {s: expected(*s) for s in shapes if s[1] >= 1}
     assert cases[(2, 16)][0] == small["kernel"] and cases[(2, 32)][0] == large["kernel"]
     assert any(padded for _, padded in cases.values()), (small, large)  # the padded path is exercised too
