@@ -482,6 +482,14 @@ class CpuReduction(_CpuRule):
         return sch
 
 
+def _selects_per_lane(sch, block) -> bool:
+    """Whether the block picks its value with if_then_else (a concat, a pad). Vectorized across rows (loops fused
+    so that a vector spans rows), each lane's condition and indices differ: TVM emits predicated gathers, and LLVM
+    for AVX-512 (znver4) computed garbage from them (a RoPE concat with head size 8 at 16 lanes); along the innermost
+    axis alone the loads stay contiguous."""
+    return "if_then_else" in str(sch.get(block).body)
+
+
 class CpuFallback(_CpuRule):
     """Injective kernels: outer loops fused and parallel, innermost axis vectorized. Reductions the other rules
     left get their leading spatial loops parallel."""
@@ -502,7 +510,8 @@ class CpuFallback(_CpuRule):
             lanes = model.lanes(_dtype_bits(sch, block))
             big = _work_is_large(model, [it.dom for it in bi.iters], injective=bi.is_injective())
             if bi.is_injective():
-                if len(loops) > 1 and (_loop_extent(sch, loops[-1]) or lanes) < lanes:
+                if (len(loops) > 1 and (_loop_extent(sch, loops[-1]) or lanes) < lanes
+                        and not _selects_per_lane(sch, block)):
                     loops = [sch.fuse(*loops)]
                 inner = loops[-1]
                 ext = _loop_extent(sch, inner)

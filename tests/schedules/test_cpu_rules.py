@@ -345,3 +345,39 @@ def test_small_kernels_stay_serial(target, n, parallel):
     with target:
         sch = CpuFallback().apply(_elementwise_func(n=n), target, False)
     assert ("T.parallel" in _script(sch)) == parallel
+
+
+def _rope_concat_func(head=8):
+    """The fused RoPE kernel of a 3-D RotaryEmbedding: concat(cos*x1 - sin*x2, sin*x1 + cos*x2) on [B, S, H, head]
+    with the caches broadcast over heads (a concat is an if_then_else per element)."""
+    half = head // 2
+    x = te.placeholder((2, 6, 4, head), name="x")
+    cos = te.placeholder((2, 6, half), name="cos")
+    sin = te.placeholder((2, 6, half), name="sin")
+    out = te.compute((2, 6, 4, head), lambda b, s, h, d: tirx.if_then_else(
+        d < half, cos[b, s, d] * x[b, s, h, d] - sin[b, s, d] * x[b, s, h, d + half],
+        sin[b, s, d - half] * x[b, s, h, d - half] + cos[b, s, d - half] * x[b, s, h, d]), name="rope")
+    return te.create_prim_func([x, cos, sin, out])
+
+
+@pytest.mark.parametrize("vector_bits", [256, 512])
+def test_fallback_vectorizes_a_concat_along_its_innermost_axis(target, vector_bits):
+    """A select per element (concat) is vectorized along its innermost axis only, even where that axis (8) is shorter
+    than a vector: fused across rows, LLVM for AVX-512 computed garbage from the predicated gathers (this RoPE
+    kernel at 16 lanes). Must not fire: a plain elementwise kernel with a short innermost axis still fuses."""
+    model = dataclasses.replace(CpuModel.get(target), vector_bits=vector_bits, parallel_min_elems=1,
+                                parallel_min_work=1)
+    sch = _schedule(CpuFallback(model), _rope_concat_func(), target)
+    vectorized = re.findall(r"in T\.vectorized\((?:T\.int64\()?(\d+)", _script(sch))
+    assert vectorized == ["8"], _script(sch)
+    rng = np.random.default_rng()
+    x, cos, sin = (rng.standard_normal(s).astype("float32") for s in ((2, 6, 4, 8), (2, 6, 4), (2, 6, 4)))
+    out = _run(sch.mod["main"], target, [x, cos, sin, np.zeros_like(x)])[-1]
+    c, s_ = cos[:, :, None, :], sin[:, :, None, :]
+    want = np.concatenate([c * x[..., :4] - s_ * x[..., 4:], s_ * x[..., :4] + c * x[..., 4:]], axis=-1)
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
+    # must not fire: the same shape without a select fuses its rows into whole vectors (16 lanes at 512 bits)
+    xt, ct = te.placeholder((2, 6, 4, 8), name="x"), te.placeholder((2, 6, 8), name="c")
+    plain = te.create_prim_func([xt, ct, te.compute((2, 6, 4, 8), lambda b, s, h, d: ct[b, s, d] * xt[b, s, h, d])])
+    sch = _schedule(CpuFallback(model), plain, target)
+    assert re.findall(r"in T\.vectorized\((?:T\.int64\()?(\d+)", _script(sch)) == [str(vector_bits // 32)]
