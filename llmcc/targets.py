@@ -132,11 +132,13 @@ def resolve(name: str) -> TargetSpec:
 
 
 def _os_cpu_flags() -> set[str]:
+    """/proc/cpuinfo's flags, spelled as LLVM's features: the kernel writes avx512_vnni, avx512_bf16, avx512_vbmi2...
+    where LLVM (and _AVX512_FLAGS) have avx512vnni; read as they are, a CPU that has them got them switched off."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                    return {flag.replace("avx512_", "avx512") for flag in line.split(":", 1)[1].split()}
     except OSError:
         pass
     return set()

@@ -40,6 +40,28 @@ def test_cpu_drops_features_the_os_does_not_enable(monkeypatch):
         targets.host_cpu.cache_clear()
         spec = targets.resolve("cpu")
         assert "-avx512f" not in spec.mattr and "-avx512bf16" in spec.mattr and "avx512vnni" in spec.features
+        assert "-avx512vnni" not in spec.mattr
+    finally:
+        targets.host_cpu.cache_clear()
+
+
+def test_cpu_flags_are_read_in_llvm_spelling(monkeypatch, tmp_path):
+    """The kernel's /proc/cpuinfo writes avx512_vnni (Zen 4, Ice Lake): read as avx512vnni, so it stays enabled."""
+    import builtins
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse4_2 avx avx2 fma avx512f avx512bw avx512_vnni "
+                       "avx512_bf16 avx512vl\n")
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda path, *a, **k: real_open(cpuinfo if path == "/proc/cpuinfo" else path,
+                                                                          *a, **k))
+    flags = targets._os_cpu_flags()
+    assert {"avx512vnni", "avx512bf16", "avx512f", "avx2"} <= flags and "avx512_vnni" not in flags
+    targets.host_cpu.cache_clear()
+    try:
+        monkeypatch.setattr(targets, "_os_cpu_flags", lambda: flags)
+        spec = targets.resolve("cpu")
+        assert "-avx512vnni" not in spec.mattr and "-avx512bf16" not in spec.mattr and "-avx512dq" in spec.mattr
     finally:
         targets.host_cpu.cache_clear()
 
