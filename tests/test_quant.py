@@ -146,7 +146,9 @@ def test_quantized_decode_builds_for_cuda(scheme):
     module = llmcc.compile(zoo.onnx_path("llama-decode"), target="cuda:sm_80", quant=scheme,
                            max_error=1.0 if scheme == "w4a8" else None)
     if scheme == "w4a8":
-        assert {lp["scheme"] for lp in module.report["quant"]["layers"]} == {"w4a8"}
+        layers = module.report["quant"]["layers"]
+        assert {lp["scheme"] for lp in layers if "embed" not in lp["name"]} == {"w4a8"}
+        assert {lp["scheme"] for lp in layers if "embed" in lp["name"]} == {"int4"}  # a lookup: weight-only
         assert any("quantize_rows" in k["name"] for k in module.report["kernels"])
     q = module.report["quant"]
     assert q["error"] is None and 0 < q["estimated_error"] <= q["max_error"]
@@ -192,7 +194,9 @@ def test_every_scheme_compiles_and_verifies(scheme):
     onnx.checker.check_model(model)
     module = llmcc.compile(model, quant=scheme, max_error=0.5)
     q = module.report["quant"]
-    assert [layer["scheme"] for layer in q["layers"]] == [scheme, scheme]
+    # a table lookup has no activations: w8a8 and w4a8 store it as their weight-only fallback (int8, int4)
+    table = SCHEMES[scheme].fallback if scheme in ("w8a8", "w4a8") else scheme
+    assert [layer["scheme"] for layer in q["layers"]] == [table, scheme]
     assert module.report["verify"]["passed"] and q["error"] <= 0.5
     # weight-only schemes are checked at float32 precision against their simulation; w8a8 and w4a8 looser
     expected = max(gate.W8A8_VERIFY_TOLERANCE, q["estimated_error"]) if scheme in ("w8a8", "w4a8") else 1e-5
@@ -260,3 +264,39 @@ def test_w8a8_check_still_catches_a_wrong_kernel(tiny_onnx, monkeypatch):
                         lambda arrays, fmt, chunk: real([arrays[0][::-1].copy(), *arrays[1:]], fmt, chunk))
     with pytest.raises(VerificationFailure, match="compiled module disagrees"):
         llmcc.compile(tiny_onnx, quant="w8a8", max_error=1.0)
+
+
+def _embedding_and_matmul(rng):
+    """Two outputs: an embedding lookup from a table whose rows each hold one large value (per-row int8 loses ~2.5%
+    of the rest), and a matmul of a float input (~1% at w8a8)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    table = rng.standard_normal((50, 128)).astype(np.float32)
+    table[np.arange(50), rng.integers(0, 128, 50)] = 40.0
+    w = rng.standard_normal((128, 64)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["e"], name="embed"),
+         helper.make_node("MatMul", ["x", "w"], ["y"], name="proj")], "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "sequence"]),
+         helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "sequence", 128])],
+        [helper.make_tensor_value_info("e", TensorProto.FLOAT, ["batch", "sequence", 128]),
+         helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "sequence", 64])],
+        [numpy_helper.from_array(table, "table"), numpy_helper.from_array(w, "w")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+
+
+@pytest.mark.parametrize("scheme", ["w8a8", "int8"])
+def test_gate_moves_a_sensitive_table_before_the_matmuls(scheme, seed):
+    """Under w8a8 an embedding table starts at int8, which stores it the same way, so the gate's first step for the
+    most sensitive layer, the table, takes it to fp16 and the matmul keeps w8a8. (The table used to start at w8a8:
+    that step changed nothing, and the matmul fell back to int8 before the table moved again.) Under int8 the table
+    is an int8 layer like any other (must not fire)."""
+    model = _embedding_and_matmul(np.random.default_rng(seed))
+    loose = {lp.layer.name: lp for lp in gate.plan(model, SCHEMES[scheme], max_error=1.0, seed=seed).layers}
+    assert (loose["embed"].scheme, loose["proj"].scheme) == ("int8", scheme)
+    assert ("a lookup has no activations to quantize" in loose["embed"].reason) == (scheme == "w8a8")
+    budget = 0.015
+    assert loose["embed"].sensitivity > budget > loose["proj"].sensitivity > 0, seed
+    tight = gate.plan(model, SCHEMES[scheme], max_error=budget, seed=seed)
+    assert [(lp.layer.name, lp.scheme) for lp in tight.layers] == [("embed", "fp16"), ("proj", scheme)], seed
+    assert tight.estimated_error <= budget

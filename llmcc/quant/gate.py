@@ -5,7 +5,7 @@ Works on the ONNX model with onnxruntime as the float32 reference, before anythi
 1. Find the layers: MatMul / Gemm nodes whose weight is a 2-D float32 initializer, and embedding tables (Gather
    from a 2-D float32 initializer; quantized per row) unless ``quantize_embeddings`` is off. The output head (a
    matmul onto the vocabulary that reaches an output without passing another matmul) is a layer unless
-   ``quantize_head`` is off.
+   ``quantize_head`` is off. Under w8a8 (w4a8) a table starts at int8 (int4): a lookup has no activations to round.
 2. Sensitivity: for each layer alone, swap its weight for the quantized-then-dequantized one and measure the outputs'
    relative error vs float32 on the calibration inputs.
 3. With every layer quantized, measure again. While the error exceeds the budget, move the most sensitive layer one
@@ -58,7 +58,8 @@ class Layer:
 class LayerPlan:
     layer: Layer
     scheme: str                # the scheme this layer ends up with ("none": float32)
-    sensitivity: float = 0.0   # output error with only this layer quantized at the requested scheme
+    sensitivity: float = 0.0   # output error with only this layer quantized: at the requested scheme, or the
+    #                            weight-only scheme an embedding table takes under w8a8 / w4a8
     reason: str = ""           # why it is not at the requested scheme
     fingerprint: str = ""      # of the [K, N] float32 weight: how quantize_weights finds it in Relax
 
@@ -300,9 +301,15 @@ def plan(proto: onnx.ModelProto, scheme: QuantScheme, *, max_error: float | None
         chosen = scheme.name
         while SCHEMES[chosen].weight is not None and SCHEMES[chosen].weight.check(*layer.shape):
             chosen = SCHEMES[chosen].fallback  # the first scheme up the chain that can store it (w4a8 -> int4 -> int8)
+        measured = scheme.name if why is None else None
+        if why is None and layer.kind == "embedding" and scheme.weight.kind in INT8_ACTIVATION_KINDS:
+            # a lookup has no activations to round: the table goes straight to the weight-only scheme that stores it
+            # the same way, or the gate's first step for it (w8a8 -> int8) would change nothing
+            chosen = measured = scheme.fallback
+            why = f"embedding table: a lookup has no activations to quantize, so {scheme.name} stores it as {chosen}"
         lp = LayerPlan(layer, chosen, reason=why or "", fingerprint=fingerprint(sim.weights[layer.node]))
-        if why is None:
-            lp.sensitivity = sim.error({layer.node: (layer, scheme.name)})
+        if measured is not None:
+            lp.sensitivity = sim.error({layer.node: (layer, measured)})
         result.layers.append(lp)
 
     def assignment():
@@ -332,7 +339,7 @@ def plan(proto: onnx.ModelProto, scheme: QuantScheme, *, max_error: float | None
             steps[lp.layer.node] += 1
             lp.scheme = fallback
             lp.reason = (f"kept at {lp.scheme}: among the most sensitive layers (output error "
-                         f"{chosen.sensitivity:.3g} with only {chosen.layer.name} at {scheme.name})")
+                         f"{chosen.sensitivity:.3g} with only {chosen.layer.name} quantized)")
         error = sim.error(assignment())
     if all(SCHEMES[lp.scheme].weight is None for lp in result.layers):
         least = min(result.layers, key=lambda lp: lp.sensitivity)
