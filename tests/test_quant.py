@@ -164,8 +164,10 @@ def test_w8a8_quantizes_activations_per_token(tiny_onnx):
     matmul, and within w8a8's budget vs float32."""
     module = llmcc.compile(tiny_onnx, quant="w8a8")
     names = [k["name"] for k in module.report["kernels"]]
-    if llmcc.targets.host_cpu().model().int16_madd:  # prefill rows: the vpmaddwd GEMM, quantizing its own rows
-        assert any(n.startswith("w8a8_gemm_avx2") for n in names) and not any("int8_matmul" in n for n in names)
+    cpu = llmcc.targets.host_cpu().model()
+    if cpu.int16_madd:  # prefill rows: the vpdpbusd (VNNI) or vpmaddwd GEMM, quantizing its own rows
+        gemm = "w8a8_gemm_vnni" if cpu.int8_dot else "w8a8_gemm_avx2"
+        assert any(n.startswith(gemm) for n in names) and not any("int8_matmul" in n for n in names)
     else:
         assert any(n.startswith("quantize_rows") for n in names) and any("int8_matmul" in n for n in names)
     assert module.report["verify"]["passed"]
@@ -247,21 +249,23 @@ def test_unnamed_matmuls_are_separate_layers(scheme, seed):
     assert [node.name for node in model.graph.node] == ["", ""]
     x = rng.standard_normal((2, 9, 32)).astype(np.float32)
     assert relative_error(module(x), x @ ws[0] @ ws[1]) <= 2 * q["error"] + 1e-6
-    if scheme == "w8a8" and llmcc.targets.host_cpu().model().int16_madd:
-        assert "w8a8_gemm_avx2" in {k["name"] for k in module.report["kernels"]}
+    cpu = llmcc.targets.host_cpu().model()
+    if scheme == "w8a8" and cpu.int16_madd:
+        assert ("w8a8_gemm_vnni" if cpu.int8_dot else "w8a8_gemm_avx2") in {k["name"] for k in module.report["kernels"]}
 
 
 def test_w8a8_check_still_catches_a_wrong_kernel(tiny_onnx, monkeypatch):
     """The w8a8 check's tolerance grows with the plan's own error, and still refuses a module whose matmul computes
-    something else: here its pair panels hold the weight's K rows reversed."""
+    something else: here its pair (or, with VNNI, quad) panels hold the weight's K rows reversed."""
     from llmcc.errors import VerificationFailure
-    from llmcc.kernels import dequant_gemv
+    from llmcc.kernels import dequant_gemv, w8a8_matmul
 
     if not llmcc.targets.host_cpu().model().int16_madd:
-        pytest.skip("the pair panels are the AVX2 kernels' layout")
-    real = dequant_gemv.gemv_weights
+        pytest.skip("the pair and quad panels are the AVX2 / VNNI kernels' layouts")
+    pairs, quads = dequant_gemv.gemv_weights, w8a8_matmul.quad_weights
     monkeypatch.setattr(dequant_gemv, "gemv_weights",
-                        lambda arrays, fmt, chunk: real([arrays[0][::-1].copy(), *arrays[1:]], fmt, chunk))
+                        lambda arrays, fmt, chunk: pairs([arrays[0][::-1].copy(), *arrays[1:]], fmt, chunk))
+    monkeypatch.setattr(w8a8_matmul, "quad_weights", lambda q_w, s_w, chunk: quads(q_w[::-1].copy(), s_w, chunk))
     with pytest.raises(VerificationFailure, match="compiled module disagrees"):
         llmcc.compile(tiny_onnx, quant="w8a8", max_error=1.0)
 

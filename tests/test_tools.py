@@ -128,11 +128,17 @@ def test_gpu_check_quant_without_gpu_says_so():
 
 
 def test_bench_w8a8_gemm_reports_both_kernels():
+    """float32 and the pair GEMM everywhere; the VNNI GEMM too where the CPU has it (each row names its kernels)."""
+    from llmcc.targets import host_cpu
+
     r = _run(ROOT / "tools" / "bench_w8a8_gemm.py", "--rows", "9", "--shapes", "32x48")
     assert r.returncode == 0, r.stdout + r.stderr
     (row,) = [line for line in r.stdout.splitlines() if line.startswith("| 32 x 48 |")]
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert float(cells[2]) > 0 and float(cells[4]) > 0 and cells[7]
+    vnni = host_cpu().model().int8_dot
+    assert len(cells) == (11 if vnni else 8) and float(cells[2]) > 0 and float(cells[4]) > 0
+    if host_cpu().model().int16_madd:
+        assert "w8a8_gemm_avx2" in cells[-1] and ("w8a8_gemm_vnni" in cells[-1]) == vnni
 
 
 def test_mac_throughput_probe_builds_and_runs(tmp_path):
@@ -149,4 +155,9 @@ def test_mac_throughput_probe_builds_and_runs(tmp_path):
     subprocess.run([cc, "-O2", "-mavx2", "-mfma", str(ROOT / "tools" / "mac_throughput.c"), "-o", str(exe)],
                    check=True, timeout=120)
     out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120).stdout
-    assert out.startswith("GMAC/s on one core: float32 FMA") and "vpmaddwd" in out
+    assert out.startswith("GMAC/s on one core: float32 FMA") and "vpmaddwd" in out and "VNNI" not in out
+    if host_cpu().model().int8_dot:  # built for VNNI, it times vpdpwssd and vpdpbusd too
+        subprocess.run([cc, "-O2", "-mavx2", "-mfma", "-mavx512vnni", "-mavx512vl",
+                        str(ROOT / "tools" / "mac_throughput.c"), "-o", str(exe)], check=True, timeout=120)
+        out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120).stdout
+        assert "VNNI: int16 vpdpwssd" in out and "vpdpbusd" in out

@@ -3,9 +3,12 @@
  * u8 x s8 vpmaddubsw + vpmaddwd + vpaddd (32 MACs per 3 ops). Ten independent accumulator chains each, so latency
  * does not bound them: what it prints is what the execution ports sustain. It decides whether an integer GEMM can
  * beat float32 in compute-bound prefill on a CPU without VNNI (AVX-VNNI / AVX512-VNNI do the multiply and the
- * accumulate in one op).
+ * accumulate in one op). Built with -mavx512vnni -mavx512vl on a CPU that has AVX512-VNNI, it also times
+ * vpdpwssd (int16 pairs, 16 MACs per op: what LLVM makes of vpmaddwd + vpaddd there) and vpdpbusd (u8 x s8 quads,
+ * 32 MACs per op).
  *
  *     cc -O2 -mavx2 -mfma tools/mac_throughput.c -o /tmp/mac_throughput && /tmp/mac_throughput
+ *     cc -O2 -mavx2 -mfma -mavx512vnni -mavx512vl tools/mac_throughput.c -o /tmp/mac_vnni && /tmp/mac_vnni
  */
 #include <stdio.h>
 #include <time.h>
@@ -63,9 +66,43 @@ static double maddubs_gmacs(void) {
     return ITERS * 128.0 / (seconds() - t) / 1e9;
 }
 
+#ifdef __AVX512VNNI__
+/* 10 accumulators each: vpdpwssd (16 MACs per op), vpdpbusd (32 MACs per op) */
+#define TEN(op) \
+    op " %%ymm10, %%ymm11, %%ymm0\n\t" op " %%ymm10, %%ymm11, %%ymm1\n\t" op " %%ymm10, %%ymm11, %%ymm2\n\t" \
+    op " %%ymm10, %%ymm11, %%ymm3\n\t" op " %%ymm10, %%ymm11, %%ymm4\n\t" op " %%ymm10, %%ymm11, %%ymm5\n\t" \
+    op " %%ymm10, %%ymm11, %%ymm6\n\t" op " %%ymm10, %%ymm11, %%ymm7\n\t" op " %%ymm10, %%ymm11, %%ymm8\n\t" \
+    op " %%ymm10, %%ymm11, %%ymm9\n\t"
+
+static double dpwssd_gmacs(void) {
+    double t = seconds();
+    for (long i = 0; i < ITERS; i++)
+        __asm__ volatile(TEN("vpdpwssd")
+                         ::: "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9");
+    return ITERS * 160.0 / (seconds() - t) / 1e9;
+}
+
+static double dpbusd_gmacs(void) {
+    double t = seconds();
+    for (long i = 0; i < ITERS; i++)
+        __asm__ volatile(TEN("vpdpbusd")
+                         ::: "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9");
+    return ITERS * 320.0 / (seconds() - t) / 1e9;
+}
+#endif
+
 int main(void) {
     double fma = fma_gmacs(), madd = madd_gmacs(), maddubs = maddubs_gmacs();
     printf("GMAC/s on one core: float32 FMA %.1f | int16 vpmaddwd+vpaddd %.1f (%.2fx) | "
            "u8*s8 vpmaddubsw+vpmaddwd+vpaddd %.1f (%.2fx)\n", fma, madd, madd / fma, maddubs, maddubs / fma);
+#ifdef __AVX512VNNI__
+    if (__builtin_cpu_supports("avx512vnni")) {
+        double dpwssd = dpwssd_gmacs(), dpbusd = dpbusd_gmacs();
+        printf("VNNI: int16 vpdpwssd %.1f (%.2fx) | u8*s8 vpdpbusd %.1f (%.2fx)\n", dpwssd, dpwssd / fma, dpbusd,
+               dpbusd / fma);
+    } else {
+        printf("VNNI: this CPU has no AVX512-VNNI\n");
+    }
+#endif
     return 0;
 }

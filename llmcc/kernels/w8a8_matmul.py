@@ -5,7 +5,8 @@
 
 Two kernels, because the row maximum is a reduction of its own that the matmul rules do not take as a prologue.
 The weight is ``llmcc.kernels.dequant_matmul``'s int8 format (``q_w[K, N]``, ``s_w[N]``). Sections: the numpy
-reference, then the TE kernels.
+reference; the TE kernels; hand-scheduled TIR for x86: the GEMV and GEMM on vpmaddwd pair panels (AVX2), and the GEMM
+on vpdpbusd quad panels (AVX512-VNNI).
 """
 
 from __future__ import annotations
@@ -268,3 +269,136 @@ def gemm_pairs_avx2(k: int, n: int, chunk: int):
                                                             * s_x[block * tile + r] * s_w[col])
 
     return w8a8_gemm_avx2
+
+
+# ----------------------------------------------------------------------------------------- GEMM for AVX512-VNNI
+#
+# With VNNI one vpdpbusd multiplies 32 unsigned x signed byte pairs and adds each group of four into an int32 lane:
+# twice vpdpwssd's multiply-adds per op, and 4x float32 FMA on one Zen 4 core (tools/mac_throughput.c built with
+# -mavx512vnni: 216 vs 54 GMAC/s). So this GEMM stores the weight with each quad of consecutive k rows in one int32
+# lane,
+#     q_quads[N / chunk, K / 4, chunk, 4] = q_w[4 kq + i, n]               (one byte per weight, as the pairs)
+# and quantizes its activation rows to the same int8 values as quantize_rows, stored offset by 128 as unsigned
+# bytes (vpdpbusd's first operand is unsigned): sum_k (q_x + 128) q_w = sum_k q_x q_w + 128 sum_k q_w, and the
+# second term is a per-output constant (w_sums, from the compile-time weight), subtracted in int32: the sums are
+# exactly the pair kernel's. The register tile, the panels and the parallel loops are the pair GEMM's.
+
+QUAD = 4
+# AVX-512's 32 vector registers hold a taller tile than the pair GEMM's: 8 rows x 16 outputs, 16 accumulators, so
+# each weight load feeds twice the vpdpbusd (python tools/bench_w8a8_gemm.py --vnni-tile-rows 4 6 8 times them)
+GEMM_QUADS_ROWS = 8
+GEMM_QUADS_MAX_K = QUAD * ((2**31 - 1) // (255 * 127 * QUAD))  # |sum_k u w| (u <= 255, |w| <= 127) < 2^31
+
+
+def pack_quads(q_w: np.ndarray, chunk: int) -> np.ndarray:
+    """q_w[K, N] int8 -> q_quads[N / chunk, K / 4, chunk, 4] (K a multiple of 4, N of chunk)."""
+    k, n = q_w.shape
+    return np.ascontiguousarray(q_w.reshape(k // QUAD, QUAD, n // chunk, chunk).transpose(2, 0, 3, 1))
+
+
+def unpack_quads(q_quads: np.ndarray) -> np.ndarray:
+    panels, k4, chunk, _ = q_quads.shape
+    return q_quads.transpose(1, 3, 0, 2).reshape(QUAD * k4, panels * chunk)
+
+
+def quad_weights(q_w: np.ndarray, s_w: np.ndarray, chunk: int) -> list[np.ndarray]:
+    """The VNNI GEMM's constants from the int8 format's (q_w[K, N], s_w[N]): the quad panels, s_w, and w_sums[N] =
+    128 * sum_k q_w[k, n] (int32), what the unsigned offset of the activations adds."""
+    w_sums = 128 * q_w.astype(np.int64).sum(axis=0)
+    return [pack_quads(q_w, chunk), np.asarray(s_w, np.float32), w_sums.astype(np.int32)]
+
+
+def gemm_quads_check(k: int, n: int, chunk: int) -> str | None:
+    """Why a [k, n] weight in ``chunk``-output quad panels cannot take the VNNI GEMM, or None."""
+    if k % QUAD:
+        return f"K={k} is not a multiple of {QUAD}"
+    if chunk % GEMM_STRIP or n % chunk:
+        return f"N={n} is not a multiple of the {chunk}-output chunk, or the chunk not of {GEMM_STRIP}"
+    if k > GEMM_QUADS_MAX_K:
+        return f"K={k} could overflow the int32 sums (at most {GEMM_QUADS_MAX_K})"
+    return None
+
+
+def dot_quads(acc, x_quads, w_quads):
+    """vpdpbusd (256-bit): acc + the sums of four u8 (x) x s8 (w) products per int32 lane."""
+    from tvm.script import tirx as T
+
+    # LLVM's intrinsic takes its byte operands as <32 x i8> (TVM's LLVM; older ones had <8 x i32>)
+    return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.256"), acc,
+                                   T.reinterpret(x_quads, dtype="int8x32"), T.reinterpret(w_quads, dtype="int8x32"),
+                                   dtype="int32x8")
+
+
+def gemm_quads_vnni(k: int, n: int, chunk: int, tile_rows: int = GEMM_QUADS_ROWS):
+    """The hand-scheduled TIR kernel ``(x[rows, K] float32, q_quads[N/chunk, K/4, chunk, 4] int8, s_w[N],
+    w_sums[N] int32) -> y[rows, N] float32``, rows symbolic, for targets with AVX512-VNNI (and VL). Two parallel
+    loops: over rows, quantizing each as ``quantize_rows`` does (bit for bit) into unsigned bytes offset by 128;
+    then over panels, the register-tiled vpdpbusd products."""
+    problem = gemm_quads_check(k, n, chunk)
+    if problem:
+        raise ValueError(f"w8a8 VNNI GEMM: {problem}")
+    from tvm.script import tirx as T
+
+    k4, panels, strips, lanes, tile = k // QUAD, n // chunk, chunk // GEMM_STRIP, GEMV_LANES, tile_rows
+    vectors = k // lanes
+
+    @T.macro
+    def quantize_rows(x, rows, x_quads, s_x):
+        """Row m's int8 values plus 128, as bytes (word kq of the row holds k = 4kq .. 4kq + 3), and its scale."""
+        u = T.decl_buffer((rows * k,), "uint8", data=x_quads.data)
+        for m in T.parallel(rows):
+            top = T.decl_buffer((lanes,), "float32")
+            scale = T.decl_buffer((1,), "float32")
+            top[T.ramp(0, 1, lanes)] = T.broadcast(T.float32(0), lanes)
+            for v in range(vectors):
+                top[T.ramp(0, 1, lanes)] = T.max(top[T.ramp(0, 1, lanes)], T.fabs(x[m, T.ramp(v * lanes, 1, lanes)]))
+            scale[0] = T.float32(0)
+            for i in range(lanes):
+                scale[0] = T.max(scale[0], top[i])
+            for i in range(vectors * lanes, k):
+                scale[0] = T.max(scale[0], T.fabs(x[m, i]))
+            scale[0] = T.max(scale[0] / T.float32(INT8_MAX), T.float32(TINY))
+            s_x[m] = scale[0]
+            for v in range(vectors):
+                u[T.ramp(m * k + v * lanes, 1, lanes)] = T.Cast("uint8x8", T.Cast("int32x8", T.nearbyint(
+                    x[m, T.ramp(v * lanes, 1, lanes)] / T.broadcast(scale[0], lanes))) + T.broadcast(128, lanes))
+            for i in range(vectors * lanes, k):
+                u[m * k + i] = T.Cast("uint8", T.Cast("int32", T.nearbyint(x[m, i] / scale[0])) + 128)
+
+    @T.macro
+    def dot_into(acc, at, x_quads, w_quads):
+        acc[T.ramp(at, 1, lanes)] = dot_quads(acc[T.ramp(at, 1, lanes)], x_quads, w_quads)
+
+    @T.prim_func(private=True)
+    def w8a8_gemm_vnni(a: T.handle, q_quads: T.Buffer((panels, k4, chunk, QUAD), "int8"),
+                       s_w: T.Buffer((n,), "float32"), w_sums: T.Buffer((n,), "int32"), y_handle: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        rows = T.int64()
+        x = T.match_buffer(a, (rows, k), "float32")
+        y = T.match_buffer(y_handle, (rows, n), "float32")
+        w = T.decl_buffer((panels * k4 * chunk,), "int32", data=q_quads.data)
+        x_quads = T.decl_buffer((rows * k4,), "int32")
+        s_x = T.decl_buffer((rows,), "float32")
+        quantize_rows(x, rows, x_quads, s_x)
+        for c in T.parallel(panels):
+            acc = T.decl_buffer((tile * GEMM_STRIP,), "int32")
+            for strip in range(strips):
+                for block in range((rows + tile - 1) // tile):
+                    for v in T.unroll(tile * 2):
+                        acc[T.ramp(v * lanes, 1, lanes)] = T.broadcast(T.int32(0), lanes)
+                    for kq in range(k4):
+                        base = (c * k4 + kq) * chunk + strip * GEMM_STRIP
+                        w0 = w[T.ramp(base, 1, lanes)]
+                        w1 = w[T.ramp(base + lanes, 1, lanes)]
+                        for r in T.unroll(tile):
+                            xb = T.broadcast(x_quads[T.min(block * tile + r, rows - 1) * k4 + kq], lanes)
+                            dot_into(acc, 2 * r * lanes, xb, w0)
+                            dot_into(acc, (2 * r + 1) * lanes, xb, w1)
+                    for r in range(tile):
+                        if block * tile + r < rows:
+                            for j in range(GEMM_STRIP):
+                                col = c * chunk + strip * GEMM_STRIP + j
+                                y[block * tile + r, col] = (T.Cast("float32", acc[r * GEMM_STRIP + j] - w_sums[col])
+                                                            * s_x[block * tile + r] * s_w[col])
+
+    return w8a8_gemm_vnni

@@ -23,7 +23,9 @@ w8a8 quantizes the activations first (``quantize_rows``) and sums int8 products 
 
 On an AVX2 CPU w8a8 instead reads its weight pair-packed in panels, [N/chunk, K/2, chunk, 2] int8, in a
 hand-scheduled vpmaddwd kernel: ``w8a8_gemv_avx2`` for one row per batch element (decode), ``w8a8_gemm_avx2``
-(4 rows x 16 outputs per register tile; it quantizes its rows itself) for anything else (prefill). Either takes
+(4 rows x 16 outputs per register tile; it quantizes its rows itself) for anything else (prefill); on a CPU with
+AVX512-VNNI the prefill GEMM is ``w8a8_gemm_vnni`` instead, on quad panels [N/chunk, K/4, chunk, 4] (vpdpbusd,
+twice the multiply-adds per op). Either takes
 the activation's leading dims flattened into rows (int8 and int4 GEMVs get theirs from ``select_gemv_kernels``,
 later)::
 
@@ -95,7 +97,7 @@ class QuantizeWeights(LlmccPass):
     def transform(self, mod):
         if not self.formats:
             return mod, 0
-        rewriter = _Rewriter(mod, self.formats, _gemv_chunk_cores(self.target))
+        rewriter = _Rewriter(mod, self.formats, _gemv_chunk_cores(self.target), _has_vnni(self.target))
         for gv, func in mod.functions_items():
             if isinstance(func, relax.Function):
                 rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
@@ -106,10 +108,11 @@ class QuantizeWeights(LlmccPass):
 
 @relax.expr_functor.mutator
 class _Rewriter(relax.PyExprMutator):
-    def __init__(self, mod, formats, gemv_cores: int | None):
+    def __init__(self, mod, formats, gemv_cores: int | None, vnni: bool = False):
         super().__init__(mod)
         self.formats = formats
         self.gemv_cores = gemv_cores  # the CPU's cores when it has AVX2 (the w8a8 / w4a8 GEMV kernels), else None
+        self.vnni = vnni              # AVX512-VNNI: the w8a8 GEMM on quad panels
         self.count = 0
         self.quantized: dict[str, int] = {}
         self._stored: dict[tuple, list] = {}  # (fingerprint, layout): the packed constants, however often used
@@ -135,6 +138,9 @@ class _Rewriter(relax.PyExprMutator):
         """On AVX2 the pair-panel kernels: the GEMV for one row per batch element (on ``quantize_rows``), else the
         GEMM, which quantizes its rows itself. Otherwise quantize_rows and the TE int8_matmul."""
         func, chunk, kind = self._w8a8_kernel(x.ty, weight.shape) or (None, 0, None)
+        if kind == "gemm_vnni":
+            return call_on_rows(self.builder_, func, [x], x.ty, weight.shape[1],
+                                self._store(key, weight, fmt, gemv_chunk=chunk, layout="quads"))
         if kind == "gemm":
             rows = [x]
         else:
@@ -164,21 +170,23 @@ class _Rewriter(relax.PyExprMutator):
         return call_dequant_matmul(self.builder_, WeightFormat("int4", fmt.group_size, fmt.symmetric), rounded,
                                    *self._store(key, weight, fmt))
 
-    def _store(self, key, weight, fmt, gemv_chunk: int = 0) -> list:
+    def _store(self, key, weight, fmt, gemv_chunk: int = 0, layout: str = "pairs") -> list:
         """The weight's packed constants (a tied embedding and output head share one set; the panels of a GEMV
-        kernel are a set of their own, counted in the weight's stored bytes too)."""
-        if (key, gemv_chunk) not in self._stored:
+        or GEMM kernel, pair or quad, are a set of their own, counted in the weight's stored bytes too)."""
+        if (key, gemv_chunk, layout) not in self._stored:
             arrays = quantize(weight, fmt)
-            if gemv_chunk:
+            if gemv_chunk and layout == "quads":
+                arrays = w8a8_matmul.quad_weights(*arrays, gemv_chunk)
+            elif gemv_chunk:
                 arrays = dequant_gemv.gemv_weights(arrays, fmt, gemv_chunk)
-            self._stored[key, gemv_chunk] = [relax.const(np.ascontiguousarray(a)) for a in arrays]
+            self._stored[key, gemv_chunk, layout] = [relax.const(np.ascontiguousarray(a)) for a in arrays]
             self.quantized[key] = self.quantized.get(key, 0) + stored_bytes(arrays)
-        return self._stored[key, gemv_chunk]
+        return self._stored[key, gemv_chunk, layout]
 
     def _w8a8_kernel(self, x_ty, weight_shape):
-        """(the pair-panel kernel's GlobalVar, its panel width, "gemv" or "gemm") for x [..., K] @ W [K, N] on an
-        AVX2 target: the GEMV when every leading dim of x is 1 or a batch size, else the GEMM; None when the shapes
-        fit neither."""
+        """(the kernel's GlobalVar, its panel width, "gemv", "gemm" or "gemm_vnni") for x [..., K] @ W [K, N] on
+        an AVX2 target: the GEMV when every leading dim of x is 1 or a batch size, else the GEMM (on quad panels with
+        AVX512-VNNI, pair panels without); None when the shapes fit neither."""
         if self.gemv_cores is None:
             return None
         k, n = weight_shape
@@ -186,15 +194,23 @@ class _Rewriter(relax.PyExprMutator):
         if chunk is None:
             return None
         kind = "gemv" if one_row_per_batch(x_ty) else "gemm"
-        check, make = ((w8a8_matmul.gemv_pairs_check, w8a8_matmul.gemv_pairs_avx2) if kind == "gemv"
-                       else (w8a8_matmul.gemm_pairs_check, w8a8_matmul.gemm_pairs_avx2))
         if kind == "gemm" and chunk % w8a8_matmul.GEMM_STRIP:  # the GEMV's narrow panels: one register tile each
             chunk = w8a8_matmul.GEMM_STRIP
-        if check(k, n, chunk):
+        if kind == "gemm" and self.vnni and not w8a8_matmul.gemm_quads_check(k, n, chunk):
+            kind, make, name = "gemm_vnni", w8a8_matmul.gemm_quads_vnni, "w8a8_gemm_vnni"
+        elif kind == "gemv":
+            check, make, name = w8a8_matmul.gemv_pairs_check, w8a8_matmul.gemv_pairs_avx2, "w8a8_gemv_avx2"
+        else:
+            check, make, name = w8a8_matmul.gemm_pairs_check, w8a8_matmul.gemm_pairs_avx2, "w8a8_gemm_avx2"
+        if kind != "gemm_vnni" and check(k, n, chunk):
             return None
         if (kind, k, n, chunk) not in self._gemv_kernels:
-            self._gemv_kernels[kind, k, n, chunk] = self.builder_.add_func(make(k, n, chunk), f"w8a8_{kind}_avx2")
+            self._gemv_kernels[kind, k, n, chunk] = self.builder_.add_func(make(k, n, chunk), name)
         return self._gemv_kernels[kind, k, n, chunk], chunk, kind
+
+
+def _has_vnni(target) -> bool:
+    return target is not None and not target.is_gpu and target.model().int8_dot
 
 
 def _gemv_chunk_cores(target) -> int | None:

@@ -27,6 +27,9 @@ def _target_attrs(target) -> tuple[str, str]:
 # CPU models LLVM would give AVX-512 by default (unless mattr turns avx512f off).
 _AVX512_CPUS = ("znver4", "znver5", "skylake-avx512", "cascadelake", "cooperlake", "icelake", "tigerlake",
                 "sapphirerapids", "rocketlake", "alderlake-avx512", "graniterapids", "emeraldrapids")
+# ... and AVX512-VNNI (vpdpbusd) among them (Skylake-AVX512 has AVX-512 without it)
+_VNNI_CPUS = ("znver4", "znver5", "cascadelake", "cooperlake", "icelake", "icelake-server", "icelake-client",
+              "tigerlake", "sapphirerapids", "rocketlake", "graniterapids", "emeraldrapids")
 _AVX2_CPUS = ("haswell", "broadwell", "skylake", "znver1", "znver2", "znver3", "alderlake", "raptorlake",
               "meteorlake", "core-avx2", "x86-64-v3")
 
@@ -53,6 +56,8 @@ class CpuModel:
     matmul_panel_bytes: int = 64
     # 256-bit integer SIMD (AVX2): vpmaddwd, which the w8a8 GEMV kernel is built on (llmcc.kernels.w8a8_matmul)
     int16_madd: bool = False
+    # AVX512-VNNI with 256-bit forms: vpdpbusd, u8 x s8 quads summed into int32 (the w8a8 GEMM's VNNI kernel)
+    int8_dot: bool = False
 
     def lanes(self, dtype_bits: int = 32) -> int:
         return max(self.vector_bits // dtype_bits, 1)
@@ -116,5 +121,6 @@ class CpuModel:
         except (AttributeError, OSError):
             pass
         avx2 = bits >= 512 or mcpu in _AVX2_CPUS + _AVX512_CPUS or "+avx2" in flags
+        vnni = bits >= 512 and "-avx512vnni" not in flags and ("+avx512vnni" in flags or mcpu in _VNNI_CPUS)
         return CpuModel(vector_bits=bits, cores=max(cores, 1), vector_registers=32 if bits >= 512 else 16,
-                        int16_madd=avx2)
+                        int16_madd=avx2, int8_dot=vnni)

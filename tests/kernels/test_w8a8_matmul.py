@@ -130,3 +130,70 @@ def test_gemm_pairs_refuses_what_it_cannot_tile():
     assert "overflow" in gemm_pairs_check(GEMM_MAX_K + 2, 64, 64) and gemm_pairs_check(GEMM_MAX_K, 64, 64) is None
     with pytest.raises(ValueError, match="w8a8 GEMM: the 8-output panels"):
         gemm_pairs_avx2(64, 24, 8)
+
+
+# ---------------------------------------------------------------------------------------------- the VNNI GEMM
+
+def test_quad_panels_round_trip_and_column_sums():
+    """The quad panels hold q_w's bytes, four consecutive k of one output per int32 lane; w_sums is 128 times each
+    column's sum (what the +128 offset of the activations adds to vpdpbusd's sums)."""
+    from llmcc.kernels.w8a8_matmul import pack_quads, quad_weights, unpack_quads
+
+    rng = np.random.default_rng()
+    k, n, chunk = 4 * int(rng.integers(1, 40)), 32, 16
+    q_w = rng.integers(-127, 128, (k, n)).astype(np.int8)
+    quads = pack_quads(q_w, chunk)
+    assert quads.shape == (n // chunk, k // 4, chunk, 4)
+    np.testing.assert_array_equal(unpack_quads(quads), q_w)
+    np.testing.assert_array_equal(quads[1, 2, 3], q_w[8:12, chunk + 3])
+    panels, s_w, w_sums = quad_weights(q_w, np.ones(n, np.float32), chunk)
+    np.testing.assert_array_equal(w_sums, 128 * q_w.astype(np.int64).sum(0))
+    assert w_sums.dtype == np.int32 and panels.dtype == np.int8
+
+
+def _vnni_lib(k, n, chunk):
+    from llmcc.kernels.w8a8_matmul import gemm_quads_vnni
+
+    func = gemm_quads_vnni(k, n, chunk).with_attr("global_symbol", "main")
+    return tvm.tirx.build(func, target=resolve("cpu").tvm_target())
+
+
+@pytest.mark.skipif(not resolve("cpu").model().int8_dot, reason="needs AVX512-VNNI")
+@pytest.mark.parametrize("rows", [1, 4, 7, 130])
+def test_gemm_quads_is_exact(rows, seed):
+    """The vpdpbusd GEMM (rows offset to unsigned bytes, the offset's column sums taken off in int32) gives the w8a8
+    reference bit for bit: the cases of test_gemm_pairs_is_exact, and weights at +-127 where the unsigned offset
+    makes the largest sums."""
+    from llmcc.kernels.w8a8_matmul import gemm_quads_check, gemv_pairs_chunk, quad_weights
+
+    rng = np.random.default_rng(seed)
+    k, n = 4 * int(rng.integers(1, 150)), 16 * int(rng.integers(1, 20))
+    chunk = gemv_pairs_chunk(n, cores=int(rng.integers(1, 5)))
+    if gemm_quads_check(k, n, chunk):
+        chunk = 16
+    x = (rng.standard_normal((rows, k)) * rng.uniform(0.1, 10)).astype(np.float32)
+    x[rows // 2] = 0.0
+    x[0, -1] = 5 * np.abs(x[0]).max() + 1
+    if rows > 1 and k > 8:
+        x[-1, 8] = 127
+        x[-1, :8] = np.arange(8, dtype=np.float32) + 0.5
+    q_w, s_w = quantize(rng.standard_normal((k, n)).astype(np.float32), WeightFormat("w8a8"))
+    q_w[:, 0] = 127
+    q_w[:, -1] = -127
+    y = tvm.runtime.tensor(np.full((rows, n), np.nan, np.float32))
+    arrays = [x, *quad_weights(q_w, s_w, chunk)]
+    _vnni_lib(k, n, chunk)["main"](*[tvm.runtime.tensor(a) for a in arrays], y)
+    np.testing.assert_array_equal(y.numpy(), w8a8_matmul_reference(x, q_w, s_w),
+                                  err_msg=f"seed {seed}: k {k} n {n} chunk {chunk} rows {rows}")
+
+
+def test_gemm_quads_refuses_what_it_cannot_tile():
+    from llmcc.kernels.w8a8_matmul import GEMM_QUADS_MAX_K, gemm_quads_check, gemm_quads_vnni
+
+    assert gemm_quads_check(64, 64, 64) is None and gemm_quads_check(64, 64, 16) is None
+    assert gemm_quads_check(66, 64, 64) == "K=66 is not a multiple of 4"
+    assert "16" in gemm_quads_check(64, 24, 8)
+    assert "overflow" in gemm_quads_check(GEMM_QUADS_MAX_K + 4, 64, 64)
+    assert gemm_quads_check(GEMM_QUADS_MAX_K, 64, 64) is None
+    with pytest.raises(ValueError, match="w8a8 VNNI GEMM: K=66"):
+        gemm_quads_vnni(66, 64, 64)

@@ -74,35 +74,45 @@ def test_must_not_fire_without_a_plan_or_on_other_weights():
     assert p.rewrites == 0 and _calls(after, "dequant_matmul") == 0
 
 
-def test_w8a8_takes_the_pair_packed_kernels_only_where_they_apply():
+def test_w8a8_takes_the_packed_kernels_only_where_they_apply():
     """On an AVX2 CPU: one row per batch element takes the vpmaddwd GEMV, a sequence of rows the vpmaddwd GEMM, both
-    on the same [N/chunk, K/2, chunk, 2] panels. A CPU without AVX2, CUDA, and for the GEMM an N that is not a
-    multiple of its 16-output tile keep the int8 matmul."""
+    on the same [N/chunk, K/2, chunk, 2] panels; with AVX512-VNNI the sequence takes the vpdpbusd GEMM on
+    [N/chunk, K/4, chunk, 4] panels (plus an int32 column sum), decode still the GEMV. A CPU without AVX2, CUDA, an N
+    that is not a multiple of the GEMM's 16-output tile keep the int8 matmul; a K that is not a multiple of 4 the
+    pair GEMM. (Structure only: the targets are named, not this machine's.)"""
     from llmcc.kernels.w8a8_matmul import gemv_pairs_chunk
-    from llmcc.targets import TargetSpec, host_cpu, resolve
+    from llmcc.targets import TargetSpec, resolve
 
     rng = np.random.default_rng()
     batch, seq = tvm.tirx.Var("batch", "int64"), tvm.tirx.Var("sequence", "int64")
     sse = TargetSpec("cpu", "llvm", mcpu="x86-64")
-    kernels = ("w8a8_gemv_avx2", "w8a8_gemm_avx2", "int8_matmul")
-    cases = [(32, [batch, 1], host_cpu(), "w8a8_gemv_avx2"), (32, [1, 1], host_cpu(), "w8a8_gemv_avx2"),
-             (32, [batch, seq], host_cpu(), "w8a8_gemm_avx2"), (32, [seq], host_cpu(), "w8a8_gemm_avx2"),
-             (24, [batch, seq], host_cpu(), "int8_matmul"), (24, [batch, 1], host_cpu(), "w8a8_gemv_avx2"),
-             (32, [batch, 1], sse, "int8_matmul"), (32, [batch, seq], sse, "int8_matmul"),
-             (32, [batch, seq], resolve("cuda:sm_80"), "int8_matmul")]
-    for n, dims, target, kernel in cases:
-        if kernel.endswith("avx2") and not target.model().int16_madd:
-            continue
-        w = rng.standard_normal((64, n)).astype("float32")
+    avx2 = TargetSpec("cpu", "llvm", mcpu="znver3")
+    vnni = TargetSpec("cpu", "llvm", mcpu="znver4")
+    assert vnni.model().int8_dot and not avx2.model().int8_dot and avx2.model().int16_madd
+    kernels = ("w8a8_gemv_avx2", "w8a8_gemm_avx2", "w8a8_gemm_vnni", "int8_matmul")
+    cases = [(64, 32, [batch, 1], avx2, "w8a8_gemv_avx2"), (64, 32, [1, 1], avx2, "w8a8_gemv_avx2"),
+             (64, 32, [batch, seq], avx2, "w8a8_gemm_avx2"), (64, 32, [seq], avx2, "w8a8_gemm_avx2"),
+             (64, 24, [batch, seq], avx2, "int8_matmul"), (64, 24, [batch, 1], avx2, "w8a8_gemv_avx2"),
+             (64, 32, [batch, seq], vnni, "w8a8_gemm_vnni"), (64, 32, [seq], vnni, "w8a8_gemm_vnni"),
+             (64, 32, [batch, 1], vnni, "w8a8_gemv_avx2"), (66, 32, [batch, seq], vnni, "w8a8_gemm_avx2"),
+             (64, 24, [batch, seq], vnni, "int8_matmul"),
+             (64, 32, [batch, 1], sse, "int8_matmul"), (64, 32, [batch, seq], sse, "int8_matmul"),
+             (64, 32, [batch, seq], resolve("cuda:sm_80"), "int8_matmul")]
+    for k, n, dims, target, kernel in cases:
+        w = rng.standard_normal((k, n)).astype("float32")
         p = QuantizeWeights({fingerprint(w): ("proj", WeightFormat("w8a8"))}, target)
         after = p(matmul_module(w, dims))
-        assert [_calls(after, name) for name in kernels] == [int(name == kernel) for name in kernels], \
-            f"N {n}, {dims} on {target.name} ({target.mcpu})"
-        pairs = [c for c in _consts(after) if str(c.ty.dtype) == "int8"]
-        chunk = gemv_pairs_chunk(n, target.model().cores) if kernel.endswith("avx2") else None
-        assert [tuple(int(d) for d in c.ty.shape.values) for c in pairs] == \
-            [(n // chunk, 32, chunk, 2) if chunk else (64, n)]
-        assert p.quantized[fingerprint(w)] == 64 * n + n * 4  # one byte per weight and a scale per column
+        where = f"K {k}, N {n}, {dims} on {target.mcpu}"
+        assert [_calls(after, name) for name in kernels] == [int(name == kernel) for name in kernels], where
+        packed = [tuple(int(d) for d in c.ty.shape.values) for c in _consts(after) if str(c.ty.dtype) == "int8"]
+        if kernel == "int8_matmul":
+            assert packed == [(k, n)], where
+        else:
+            chunk = max(gemv_pairs_chunk(n, target.model().cores), 16 if "gemm" in kernel else 0)
+            width = 4 if kernel == "w8a8_gemm_vnni" else 2
+            assert packed == [(n // chunk, k // width, chunk, width)], where
+        # one byte per weight and a scale per column; the VNNI GEMM's int32 column sums on top
+        assert p.quantized[fingerprint(w)] == k * n + n * 4 + (n * 4 if kernel == "w8a8_gemm_vnni" else 0), where
 
 
 def test_w8a8_gemm_module_matches_the_reference(seed):
