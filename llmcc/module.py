@@ -193,6 +193,8 @@ class CompiledModule:
         module = cls(manifest, path / manifest["library"]["file"], weights)
         if module.target.is_gpu:
             module._ensure_loaded()  # says now, not at the first call, that there is no GPU
+        else:
+            _check_cpu_features(path, module.target)
         return module
 
     def __repr__(self) -> str:
@@ -202,6 +204,17 @@ class CompiledModule:
     def __del__(self):
         if self._owned_dir is not None:
             shutil.rmtree(self._owned_dir, ignore_errors=True)
+
+
+def _check_cpu_features(path: Path, target: TargetSpec) -> None:
+    """A CPU artifact's code may use every SIMD feature of the machine that built it (AVX-512, VNNI): run where one
+    is missing, it would kill the process with an illegal instruction at its first call."""
+    from llmcc.targets import host_cpu
+
+    missing = sorted(set(target.features) - set(host_cpu().features))
+    if missing:
+        raise ArtifactError(f"{path}: built for a CPU with {', '.join(missing)}, which this CPU lacks (its code would "
+                            f"stop with an illegal instruction); compile the model again on this machine")
 
 
 _TVM_ALIGNMENT = 64

@@ -69,6 +69,25 @@ def test_truncated_manifest_is_refused(artifact_copy):
         llmcc.load(artifact_copy)
 
 
+def test_artifact_for_a_cpu_with_more_features_is_refused(artifact_copy, monkeypatch):
+    """Built where the CPU has AVX2 (or AVX-512, VNNI), loaded where it has not: a clear error naming the features,
+    not an illegal instruction at the first call. Must not fire: the same CPU, or one with more features."""
+    import dataclasses
+
+    from llmcc import targets
+
+    host = targets.host_cpu()
+    built_for = set(json.loads((artifact_copy / "manifest.json").read_text())["target"]["features"])
+    assert llmcc.load(artifact_copy).target.features == host.features
+    monkeypatch.setattr(targets, "host_cpu", lambda: dataclasses.replace(host, features=host.features + ("amx",)))
+    llmcc.load(artifact_copy)
+    lacking = dataclasses.replace(host, features=tuple(f for f in host.features if f not in ("avx2", "avx512f")))
+    monkeypatch.setattr(targets, "host_cpu", lambda: lacking)
+    if built_for & {"avx2", "avx512f"}:
+        with pytest.raises(ArtifactError, match=r"copy\.llmcc: built for a CPU with avx2.*which this CPU lacks"):
+            llmcc.load(artifact_copy)
+
+
 def test_missing_and_foreign_paths(tmp_path):
     with pytest.raises(ArtifactError, match="no such artifact"):
         llmcc.load(tmp_path / "nope.llmcc")
