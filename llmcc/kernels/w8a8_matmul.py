@@ -198,24 +198,17 @@ def gemm_pairs_check(k: int, n: int, chunk: int) -> str | None:
     return None
 
 
-def gemm_pairs_avx2(k: int, n: int, chunk: int):
-    """The hand-scheduled TIR kernel ``(x[rows, K] float32, q_pairs[N/chunk, K/2, chunk, 2] int8, s_w[N]) ->
-    y[rows, N] float32``, rows symbolic, for targets with AVX2. Two parallel loops: over rows, quantizing each as
-    ``quantize_rows`` does (bit for bit: the same max, division and round-half-even) into a workspace of pair words;
-    then over panels, the register-tiled products."""
-    problem = gemm_pairs_check(k, n, chunk)
-    if problem:
-        raise ValueError(f"w8a8 GEMM: {problem}")
-    from tvm.script import tirx as T
-
-    k2, panels, strips, lanes, tile = k // 2, n // chunk, chunk // GEMM_STRIP, GEMV_LANES, GEMM_ROWS
-    vectors = k // lanes
-    _, madd_into = lane_macros(T)
+def row_quantizer(T, k: int, dtype: str, offset: int = 0):
+    """The TVMScript macro ``quantize_rows(x, rows, words, s_x)`` of the GEMMs: each row of x[rows, K] quantized as
+    ``quantize_rows`` does (bit for bit: the same max, division and round-half-even), plus ``offset``, stored as
+    ``dtype`` into the workspace ``words`` (rows * K of them, so that one int32 word holds 2 int16 or 4 uint8
+    consecutive k), its scale into s_x[m]; parallel over rows."""
+    lanes, vectors = GEMV_LANES, k // GEMV_LANES
+    vector_dtype = f"{dtype}x{lanes}"
 
     @T.macro
-    def quantize_rows(x, rows, x_pairs, s_x):
-        """Row m's int8 values as int16 (so that word kk of the row holds k = 2kk and 2kk + 1), and its scale."""
-        q = T.decl_buffer((rows * k,), "int16", data=x_pairs.data)
+    def quantize_rows(x, rows, words, s_x):
+        q = T.decl_buffer((rows * k,), dtype, data=words.data)
         for m in T.parallel(rows):
             top = T.decl_buffer((lanes,), "float32")
             scale = T.decl_buffer((1,), "float32")
@@ -230,10 +223,27 @@ def gemm_pairs_avx2(k: int, n: int, chunk: int):
             scale[0] = T.max(scale[0] / T.float32(INT8_MAX), T.float32(TINY))
             s_x[m] = scale[0]
             for v in range(vectors):
-                q[T.ramp(m * k + v * lanes, 1, lanes)] = T.Cast("int16x8", T.nearbyint(
-                    x[m, T.ramp(v * lanes, 1, lanes)] / T.broadcast(scale[0], lanes)))
+                q[T.ramp(m * k + v * lanes, 1, lanes)] = T.Cast(vector_dtype, T.Cast("int32x8", T.nearbyint(
+                    x[m, T.ramp(v * lanes, 1, lanes)] / T.broadcast(scale[0], lanes))) + T.broadcast(offset, lanes))
             for i in range(vectors * lanes, k):
-                q[m * k + i] = T.Cast("int16", T.nearbyint(x[m, i] / scale[0]))
+                q[m * k + i] = T.Cast(dtype, T.Cast("int32", T.nearbyint(x[m, i] / scale[0])) + offset)
+
+    return quantize_rows
+
+
+def gemm_pairs_avx2(k: int, n: int, chunk: int):
+    """The hand-scheduled TIR kernel ``(x[rows, K] float32, q_pairs[N/chunk, K/2, chunk, 2] int8, s_w[N]) ->
+    y[rows, N] float32``, rows symbolic, for targets with AVX2. Two parallel loops: over rows, quantizing each as
+    ``quantize_rows`` does (bit for bit: the same max, division and round-half-even) into a workspace of pair words;
+    then over panels, the register-tiled products."""
+    problem = gemm_pairs_check(k, n, chunk)
+    if problem:
+        raise ValueError(f"w8a8 GEMM: {problem}")
+    from tvm.script import tirx as T
+
+    k2, panels, strips, lanes, tile = k // 2, n // chunk, chunk // GEMM_STRIP, GEMV_LANES, GEMM_ROWS
+    _, madd_into = lane_macros(T)
+    quantize_rows = row_quantizer(T, k, "int16")  # word kk of a row: its k = 2kk and 2kk + 1
 
     @T.prim_func(private=True)
     def w8a8_gemm_avx2(a: T.handle, q_pairs: T.Buffer((panels, k2, chunk, 2), "int8"),
@@ -340,30 +350,7 @@ def gemm_quads_vnni(k: int, n: int, chunk: int, tile_rows: int = GEMM_QUADS_ROWS
     from tvm.script import tirx as T
 
     k4, panels, strips, lanes, tile = k // QUAD, n // chunk, chunk // GEMM_STRIP, GEMV_LANES, tile_rows
-    vectors = k // lanes
-
-    @T.macro
-    def quantize_rows(x, rows, x_quads, s_x):
-        """Row m's int8 values plus 128, as bytes (word kq of the row holds k = 4kq .. 4kq + 3), and its scale."""
-        u = T.decl_buffer((rows * k,), "uint8", data=x_quads.data)
-        for m in T.parallel(rows):
-            top = T.decl_buffer((lanes,), "float32")
-            scale = T.decl_buffer((1,), "float32")
-            top[T.ramp(0, 1, lanes)] = T.broadcast(T.float32(0), lanes)
-            for v in range(vectors):
-                top[T.ramp(0, 1, lanes)] = T.max(top[T.ramp(0, 1, lanes)], T.fabs(x[m, T.ramp(v * lanes, 1, lanes)]))
-            scale[0] = T.float32(0)
-            for i in range(lanes):
-                scale[0] = T.max(scale[0], top[i])
-            for i in range(vectors * lanes, k):
-                scale[0] = T.max(scale[0], T.fabs(x[m, i]))
-            scale[0] = T.max(scale[0] / T.float32(INT8_MAX), T.float32(TINY))
-            s_x[m] = scale[0]
-            for v in range(vectors):
-                u[T.ramp(m * k + v * lanes, 1, lanes)] = T.Cast("uint8x8", T.Cast("int32x8", T.nearbyint(
-                    x[m, T.ramp(v * lanes, 1, lanes)] / T.broadcast(scale[0], lanes))) + T.broadcast(128, lanes))
-            for i in range(vectors * lanes, k):
-                u[m * k + i] = T.Cast("uint8", T.Cast("int32", T.nearbyint(x[m, i] / scale[0])) + 128)
+    quantize_rows = row_quantizer(T, k, "uint8", 128)  # vpdpbusd's unsigned operand; word kq: k = 4kq .. 4kq + 3
 
     @T.macro
     def dot_into(acc, at, x_quads, w_quads):

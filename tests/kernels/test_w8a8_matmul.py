@@ -94,33 +94,6 @@ def _gemm_lib(k, n, chunk):
     return tvm.tirx.build(func, target=resolve("cpu").tvm_target())
 
 
-@pytest.mark.skipif(not resolve("cpu").model().int16_madd, reason="needs AVX2")
-@pytest.mark.parametrize("rows", [1, 4, 7, 130])
-def test_gemm_pairs_is_exact(rows, seed):
-    """The register-tiled GEMM on the GEMV's pair panels, quantizing its own rows, gives the w8a8 reference bit for
-    bit: row counts that fill the 4-row tile, leave a partial one, or are one row; K with and without a tail past the
-    last 8-lane vector (the row maximum placed there); an all-zero row; values on a rounding tie; random panel
-    widths."""
-    from llmcc.kernels.w8a8_matmul import gemm_pairs_check, gemv_pairs_chunk, pack_pairs
-
-    rng = np.random.default_rng(seed)
-    k, n = 2 * int(rng.integers(1, 300)), 16 * int(rng.integers(1, 20))
-    chunk = gemv_pairs_chunk(n, cores=int(rng.integers(1, 5)))
-    if gemm_pairs_check(k, n, chunk):
-        chunk = 16
-    x = (rng.standard_normal((rows, k)) * rng.uniform(0.1, 10)).astype(np.float32)
-    x[rows // 2] = 0.0
-    x[0, -1] = 5 * np.abs(x[0]).max() + 1  # the row's maximum in the tail
-    if rows > 1 and k > 8:  # scale 1 and x / scale on .5: round half to even, as numpy does
-        x[-1, 8] = 127
-        x[-1, :8] = np.arange(8, dtype=np.float32) + 0.5
-    q_w, s_w = quantize(rng.standard_normal((k, n)).astype(np.float32), WeightFormat("w8a8"))
-    y = tvm.runtime.tensor(np.full((rows, n), np.nan, np.float32))
-    _gemm_lib(k, n, chunk)["main"](*[tvm.runtime.tensor(a) for a in (x, pack_pairs(q_w, chunk), s_w)], y)
-    np.testing.assert_array_equal(y.numpy(), w8a8_matmul_reference(x, q_w, s_w),
-                                  err_msg=f"seed {seed}: k {k} n {n} chunk {chunk} rows {rows}")
-
-
 def test_gemm_pairs_refuses_what_it_cannot_tile():
     from llmcc.kernels.w8a8_matmul import GEMM_MAX_K, gemm_pairs_avx2, gemm_pairs_check
 
@@ -158,33 +131,47 @@ def _vnni_lib(k, n, chunk):
     return tvm.tirx.build(func, target=resolve("cpu").tvm_target())
 
 
-@pytest.mark.skipif(not resolve("cpu").model().int8_dot, reason="needs AVX512-VNNI")
-@pytest.mark.parametrize("rows", [1, 4, 7, 130])
-def test_gemm_quads_is_exact(rows, seed):
-    """The vpdpbusd GEMM (rows offset to unsigned bytes, the offset's column sums taken off in int32) gives the w8a8
-    reference bit for bit: the cases of test_gemm_pairs_is_exact, and weights at +-127 where the unsigned offset
-    makes the largest sums."""
-    from llmcc.kernels.w8a8_matmul import gemm_quads_check, gemv_pairs_chunk, quad_weights
+def _gemm_case(layout, rows, seed):
+    """x, the int8 weight, the kernel's constants and its built library for the pair or quad GEMM at random K, N and
+    panel width."""
+    from llmcc.kernels import w8a8_matmul as w8
 
     rng = np.random.default_rng(seed)
-    k, n = 4 * int(rng.integers(1, 150)), 16 * int(rng.integers(1, 20))
-    chunk = gemv_pairs_chunk(n, cores=int(rng.integers(1, 5)))
-    if gemm_quads_check(k, n, chunk):
+    width = 2 if layout == "pairs" else 4
+    k, n = width * int(rng.integers(1, 600 // width)), 16 * int(rng.integers(1, 20))
+    check = w8.gemm_pairs_check if layout == "pairs" else w8.gemm_quads_check
+    chunk = w8.gemv_pairs_chunk(n, cores=int(rng.integers(1, 5)))
+    if check(k, n, chunk):
         chunk = 16
     x = (rng.standard_normal((rows, k)) * rng.uniform(0.1, 10)).astype(np.float32)
     x[rows // 2] = 0.0
-    x[0, -1] = 5 * np.abs(x[0]).max() + 1
-    if rows > 1 and k > 8:
+    x[0, -1] = 5 * np.abs(x[0]).max() + 1  # the row's maximum in the tail
+    if rows > 1 and k > 8:  # scale 1 and x / scale on .5: round half to even, as numpy does
         x[-1, 8] = 127
         x[-1, :8] = np.arange(8, dtype=np.float32) + 0.5
     q_w, s_w = quantize(rng.standard_normal((k, n)).astype(np.float32), WeightFormat("w8a8"))
-    q_w[:, 0] = 127
-    q_w[:, -1] = -127
-    y = tvm.runtime.tensor(np.full((rows, n), np.nan, np.float32))
-    arrays = [x, *quad_weights(q_w, s_w, chunk)]
-    _vnni_lib(k, n, chunk)["main"](*[tvm.runtime.tensor(a) for a in arrays], y)
-    np.testing.assert_array_equal(y.numpy(), w8a8_matmul_reference(x, q_w, s_w),
-                                  err_msg=f"seed {seed}: k {k} n {n} chunk {chunk} rows {rows}")
+    q_w[:, 0], q_w[:, -1] = 127, -127  # the largest sums (the quads' +128 offset makes them larger still)
+    if layout == "pairs":
+        lib, constants = _gemm_lib(k, n, chunk), [w8.pack_pairs(q_w, chunk), s_w]
+    else:
+        lib, constants = _vnni_lib(k, n, chunk), w8.quad_weights(q_w, s_w, chunk)
+    return x, q_w, s_w, constants, lib, f"seed {seed}: k {k} n {n} chunk {chunk} rows {rows}"
+
+
+@pytest.mark.parametrize("layout", [
+    pytest.param("pairs", marks=pytest.mark.skipif(not resolve("cpu").model().int16_madd, reason="needs AVX2")),
+    pytest.param("quads", marks=pytest.mark.skipif(not resolve("cpu").model().int8_dot, reason="needs AVX512-VNNI"))])
+@pytest.mark.parametrize("rows", [1, 4, 7, 9, 130])
+def test_gemm_is_exact(layout, rows, seed):
+    """The register-tiled GEMMs, quantizing their own rows, give the w8a8 reference bit for bit: the vpmaddwd GEMM
+    on the GEMV's pair panels and the vpdpbusd GEMM on quad panels (rows offset to unsigned bytes, the offset's
+    column sums taken off in int32). Row counts that fill a tile (4 or 8 rows), leave a partial one, or are one row;
+    K with and without a tail past the last 8-lane vector (the row maximum placed there); an all-zero row; values on
+    a rounding tie; weights at +-127; random panel widths."""
+    x, q_w, s_w, constants, lib, where = _gemm_case(layout, rows, seed)
+    y = tvm.runtime.tensor(np.full((rows, q_w.shape[1]), np.nan, np.float32))
+    lib["main"](*[tvm.runtime.tensor(a) for a in (x, *constants)], y)
+    np.testing.assert_array_equal(y.numpy(), w8a8_matmul_reference(x, q_w, s_w), err_msg=where)
 
 
 def test_gemm_quads_refuses_what_it_cannot_tile():
