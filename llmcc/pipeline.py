@@ -35,9 +35,9 @@ from llmcc.passes.expand_integer_power import ExpandIntegerPower
 from llmcc.passes.fuse_attention import FuseAttention
 from llmcc.passes.fuse_dequantize_matmul import FuseDequantizeMatmul
 from llmcc.passes.lift_weights import LiftWeights
-from llmcc.passes.run_nonzero_on_device import RunNonzeroOnDevice
 from llmcc.passes.pack_matmul_weights import PackMatmulWeights
 from llmcc.passes.quantize_weights import QuantizeWeights
+from llmcc.passes.run_nonzero_on_device import RunNonzeroOnDevice
 from llmcc.passes.select_gemv_kernels import SelectGemvKernels
 from llmcc.targets import TargetSpec
 

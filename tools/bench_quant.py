@@ -487,7 +487,7 @@ def minilm_md(lm: dict) -> list[str]:
     vs = _vs(lm["speed"], "onnxruntime fp32")
 
     def gate_line(system, gate):
-        kept = [k for k in gate["kept"]]
+        kept = gate["kept"]
         counts = collections.Counter(k["scheme"] for k in kept)
         wider = ", ".join(f"{n} {scheme}" for scheme, n in sorted(counts.items())) or "none"
         return (f"- {system}, max_error {gate['max_error']}: measured error {gate['error']:.3g}, weight ratio "

@@ -15,6 +15,7 @@ It reports figures; nothing asserts a timing.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -89,8 +90,10 @@ def main(argv=None) -> int:
         x = x_rng.standard_normal((args.rows, k)).astype(np.float32)
         model = matmul_model(k, n)
         modules = [llmcc.compile(model)]
-        for _, use_vnni in variants:
-            with mock.patch.object(quantize_weights, "_has_vnni", lambda target, use=use_vnni: use):
+        for _, use_vnni in variants:  # the pair GEMM on a VNNI CPU: compiled as if int8_dot were off
+            host = quantize_weights._integer_simd_cpu(llmcc.targets.host_cpu())
+            cpu = dataclasses.replace(host, int8_dot=use_vnni) if host else None
+            with mock.patch.object(quantize_weights, "_integer_simd_cpu", lambda target, cpu=cpu: cpu):
                 modules.append(llmcc.compile(model, quant="w8a8", max_error=1.0))
         ms = [m.device_ms(x, number=10, repeat=7) for m in modules]
         macs = args.rows * k * n / 1e6

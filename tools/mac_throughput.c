@@ -23,17 +23,19 @@ static double seconds(void) {
 
 /* Each loop iteration: 10 FMAs into ymm0-9 (80 MACs); 5 x (vpmaddwd into a temporary, vpaddd into ymm0-4)
  * (80 MACs); 4 x (vpmaddubsw, vpmaddwd by ones, vpaddd) (128 MACs). Written in assembly so that the compiler can
- * neither hoist the loop-invariant products nor spill the accumulators. */
+ * neither hoist the loop-invariant products nor spill the accumulators. TEN(op): one op into each of ymm0-9 from
+ * ymm10 and ymm11. */
+#define TEN(op) \
+    op " %%ymm10, %%ymm11, %%ymm0\n\t" op " %%ymm10, %%ymm11, %%ymm1\n\t" op " %%ymm10, %%ymm11, %%ymm2\n\t" \
+    op " %%ymm10, %%ymm11, %%ymm3\n\t" op " %%ymm10, %%ymm11, %%ymm4\n\t" op " %%ymm10, %%ymm11, %%ymm5\n\t" \
+    op " %%ymm10, %%ymm11, %%ymm6\n\t" op " %%ymm10, %%ymm11, %%ymm7\n\t" op " %%ymm10, %%ymm11, %%ymm8\n\t" \
+    op " %%ymm10, %%ymm11, %%ymm9\n\t"
+
 static double fma_gmacs(void) {
     double t = seconds();
     for (long i = 0; i < ITERS; i++)
-        __asm__ volatile(
-            "vfmadd231ps %%ymm10, %%ymm11, %%ymm0\n\t" "vfmadd231ps %%ymm10, %%ymm11, %%ymm1\n\t"
-            "vfmadd231ps %%ymm10, %%ymm11, %%ymm2\n\t" "vfmadd231ps %%ymm10, %%ymm11, %%ymm3\n\t"
-            "vfmadd231ps %%ymm10, %%ymm11, %%ymm4\n\t" "vfmadd231ps %%ymm10, %%ymm11, %%ymm5\n\t"
-            "vfmadd231ps %%ymm10, %%ymm11, %%ymm6\n\t" "vfmadd231ps %%ymm10, %%ymm11, %%ymm7\n\t"
-            "vfmadd231ps %%ymm10, %%ymm11, %%ymm8\n\t" "vfmadd231ps %%ymm10, %%ymm11, %%ymm9\n\t"
-            ::: "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9");
+        __asm__ volatile(TEN("vfmadd231ps")
+                         ::: "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9");
     return ITERS * 80.0 / (seconds() - t) / 1e9;
 }
 
@@ -67,12 +69,7 @@ static double maddubs_gmacs(void) {
 }
 
 #ifdef __AVX512VNNI__
-/* 10 accumulators each: vpdpwssd (16 MACs per op), vpdpbusd (32 MACs per op) */
-#define TEN(op) \
-    op " %%ymm10, %%ymm11, %%ymm0\n\t" op " %%ymm10, %%ymm11, %%ymm1\n\t" op " %%ymm10, %%ymm11, %%ymm2\n\t" \
-    op " %%ymm10, %%ymm11, %%ymm3\n\t" op " %%ymm10, %%ymm11, %%ymm4\n\t" op " %%ymm10, %%ymm11, %%ymm5\n\t" \
-    op " %%ymm10, %%ymm11, %%ymm6\n\t" op " %%ymm10, %%ymm11, %%ymm7\n\t" op " %%ymm10, %%ymm11, %%ymm8\n\t" \
-    op " %%ymm10, %%ymm11, %%ymm9\n\t"
+/* vpdpwssd (16 MACs per op), vpdpbusd (32 MACs per op) */
 
 static double dpwssd_gmacs(void) {
     double t = seconds();

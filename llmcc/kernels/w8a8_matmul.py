@@ -139,7 +139,7 @@ def gemv_pairs_avx2(k: int, n: int, chunk: int):
     from tvm.script import tirx as T
 
     k2, vectors, panels = k // 2, chunk // GEMV_LANES, n // chunk
-    _, madd_into = lane_macros(T)
+    fill, madd_into = lane_macros(T)
 
     @T.prim_func(private=True)
     def w8a8_gemv_avx2(a: T.handle, sa: T.handle, q_pairs: T.Buffer((panels, k2, chunk, 2), "int8"),
@@ -153,8 +153,7 @@ def gemv_pairs_avx2(k: int, n: int, chunk: int):
         for c in T.parallel(panels):
             acc = T.decl_buffer((chunk,), "int32")
             for m in range(rows):
-                for v in range(vectors):
-                    acc[T.ramp(v * GEMV_LANES, 1, GEMV_LANES)] = T.broadcast(T.int32(0), GEMV_LANES)
+                fill(acc, vectors, T.int32(0))
                 for kk in range(k2):
                     pair = T.bitwise_or(T.bitwise_and(T.Cast("int32", q_x[m, 2 * kk]), 0xFFFF),
                                         T.shift_left(T.Cast("int32", q_x[m, 2 * kk + 1]), 16))
@@ -171,7 +170,7 @@ def gemv_pairs_avx2(k: int, n: int, chunk: int):
 # ----------------------------------------------------------------------------------------- GEMM for AVX2 CPUs
 #
 # Prefill's w8a8 matmuls are compute-bound. Without VNNI, vpmaddwd + vpaddd still sustain 1.67x the multiply-adds of
-# float32 FMA on one core of this machine (tools/mac_throughput.c: 72 vs 43 GMAC/s), so integer products can beat
+# float32 FMA on one core of an AVX2 Zen VM (tools/mac_throughput.c: 72 vs 43 GMAC/s), so integer products can beat
 # float32 here where the GEMV above only had to keep up with memory. The kernel reads the GEMV's pair panels (one
 # set of constants for both) and quantizes the activation rows itself, once, into a workspace where each k pair is
 # one int32 word (two int16 halves), so that a row's pair is one vpbroadcastd. Its register tile is GEMM_ROWS rows
@@ -179,7 +178,7 @@ def gemv_pairs_avx2(k: int, n: int, chunk: int):
 # accumulators (128 multiply-adds in 22 ops). Each parallel task owns whole panels; inside one, 16-output strips,
 # then blocks of rows, walk the panel front to back while its bytes stay in cache. int32 sums cannot overflow:
 # |q| <= 127, so a k pair adds at most 32258, and K <= GEMM_MAX_K keeps the total under 2^31. 1.33-1.36x llmcc's
-# float32 matmul at MiniLM's shapes (tools/bench_w8a8_gemm.py).
+# float32 matmul at MiniLM's shapes on that VM (tools/bench_w8a8_gemm.py).
 
 GEMM_ROWS = 4
 GEMM_STRIP = 16               # outputs of one register tile: two vpmaddwd vectors
@@ -204,7 +203,7 @@ def row_quantizer(T, k: int, dtype: str, offset: int = 0):
     ``dtype`` into the workspace ``words`` (rows * K of them, so that one int32 word holds 2 int16 or 4 uint8
     consecutive k), its scale into s_x[m]; parallel over rows."""
     lanes, vectors = GEMV_LANES, k // GEMV_LANES
-    vector_dtype = f"{dtype}x{lanes}"
+    vector_dtype, int32_vector = f"{dtype}x{lanes}", f"int32x{lanes}"
 
     @T.macro
     def quantize_rows(x, rows, words, s_x):
@@ -223,7 +222,7 @@ def row_quantizer(T, k: int, dtype: str, offset: int = 0):
             scale[0] = T.max(scale[0] / T.float32(INT8_MAX), T.float32(TINY))
             s_x[m] = scale[0]
             for v in range(vectors):
-                q[T.ramp(m * k + v * lanes, 1, lanes)] = T.Cast(vector_dtype, T.Cast("int32x8", T.nearbyint(
+                q[T.ramp(m * k + v * lanes, 1, lanes)] = T.Cast(vector_dtype, T.Cast(int32_vector, T.nearbyint(
                     x[m, T.ramp(v * lanes, 1, lanes)] / T.broadcast(scale[0], lanes))) + T.broadcast(offset, lanes))
             for i in range(vectors * lanes, k):
                 q[m * k + i] = T.Cast(dtype, T.Cast("int32", T.nearbyint(x[m, i] / scale[0])) + offset)
@@ -242,7 +241,7 @@ def gemm_pairs_avx2(k: int, n: int, chunk: int):
     from tvm.script import tirx as T
 
     k2, panels, strips, lanes, tile = k // 2, n // chunk, chunk // GEMM_STRIP, GEMV_LANES, GEMM_ROWS
-    _, madd_into = lane_macros(T)
+    fill, madd_into = lane_macros(T)
     quantize_rows = row_quantizer(T, k, "int16")  # word kk of a row: its k = 2kk and 2kk + 1
 
     @T.prim_func(private=True)
@@ -260,8 +259,7 @@ def gemm_pairs_avx2(k: int, n: int, chunk: int):
             acc = T.decl_buffer((tile * GEMM_STRIP,), "int32")
             for strip in range(strips):
                 for block in range((rows + tile - 1) // tile):
-                    for v in T.unroll(tile * 2):
-                        acc[T.ramp(v * lanes, 1, lanes)] = T.broadcast(T.int32(0), lanes)
+                    fill(acc, tile * 2, T.int32(0))
                     for kk in range(k2):
                         base = ((c * k2 + kk) * chunk + strip * GEMM_STRIP) * 2
                         w0 = T.Cast("int16x16", w[T.ramp(base, 1, 16)])
@@ -350,6 +348,7 @@ def gemm_quads_vnni(k: int, n: int, chunk: int, tile_rows: int = GEMM_QUADS_ROWS
     from tvm.script import tirx as T
 
     k4, panels, strips, lanes, tile = k // QUAD, n // chunk, chunk // GEMM_STRIP, GEMV_LANES, tile_rows
+    fill, _ = lane_macros(T)
     quantize_rows = row_quantizer(T, k, "uint8", 128)  # vpdpbusd's unsigned operand; word kq: k = 4kq .. 4kq + 3
 
     @T.macro
@@ -371,8 +370,7 @@ def gemm_quads_vnni(k: int, n: int, chunk: int, tile_rows: int = GEMM_QUADS_ROWS
             acc = T.decl_buffer((tile * GEMM_STRIP,), "int32")
             for strip in range(strips):
                 for block in range((rows + tile - 1) // tile):
-                    for v in T.unroll(tile * 2):
-                        acc[T.ramp(v * lanes, 1, lanes)] = T.broadcast(T.int32(0), lanes)
+                    fill(acc, tile * 2, T.int32(0))
                     for kq in range(k4):
                         base = (c * k4 + kq) * chunk + strip * GEMM_STRIP
                         w0 = w[T.ramp(base, 1, lanes)]

@@ -25,9 +25,8 @@ On an AVX2 CPU w8a8 instead reads its weight pair-packed in panels, [N/chunk, K/
 hand-scheduled vpmaddwd kernel: ``w8a8_gemv_avx2`` for one row per batch element (decode), ``w8a8_gemm_avx2``
 (4 rows x 16 outputs per register tile; it quantizes its rows itself) for anything else (prefill); on a CPU with
 AVX512-VNNI the prefill GEMM is ``w8a8_gemm_vnni`` instead, on quad panels [N/chunk, K/4, chunk, 4] (vpdpbusd,
-twice the multiply-adds per op). Either takes
-the activation's leading dims flattened into rows (int8 and int4 GEMVs get theirs from ``select_gemv_kernels``,
-later)::
+twice the multiply-adds per op). Each takes the activation's leading dims flattened into rows (int8 and int4 GEMVs
+get theirs from ``select_gemv_kernels``, later)::
 
     lv = R.call_te(quantize_rows, x)                                   # (q_x [batch, 1, K] int8, s_x [batch, 1, 1])
     q = R.reshape(lv[0], (batch, K)); s = R.reshape(lv[1], (batch, 1))
@@ -97,7 +96,7 @@ class QuantizeWeights(LlmccPass):
     def transform(self, mod):
         if not self.formats:
             return mod, 0
-        rewriter = _Rewriter(mod, self.formats, _gemv_chunk_cores(self.target), _has_vnni(self.target))
+        rewriter = _Rewriter(mod, self.formats, _integer_simd_cpu(self.target))
         for gv, func in mod.functions_items():
             if isinstance(func, relax.Function):
                 rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
@@ -108,11 +107,10 @@ class QuantizeWeights(LlmccPass):
 
 @relax.expr_functor.mutator
 class _Rewriter(relax.PyExprMutator):
-    def __init__(self, mod, formats, gemv_cores: int | None, vnni: bool = False):
+    def __init__(self, mod, formats, cpu):
         super().__init__(mod)
         self.formats = formats
-        self.gemv_cores = gemv_cores  # the CPU's cores when it has AVX2 (the w8a8 / w4a8 GEMV kernels), else None
-        self.vnni = vnni              # AVX512-VNNI: the w8a8 GEMM on quad panels
+        self.cpu = cpu  # the CpuModel when the hand-scheduled integer kernels run on it (AVX2), else None
         self.count = 0
         self.quantized: dict[str, int] = {}
         self._stored: dict[tuple, list] = {}  # (fingerprint, layout): the packed constants, however often used
@@ -135,8 +133,9 @@ class _Rewriter(relax.PyExprMutator):
         return call_dequant_matmul(self.builder_, fmt, call.args[0], *self._store(key, weight, fmt))
 
     def _w8a8_matmul(self, x, key, weight, fmt):
-        """On AVX2 the pair-panel kernels: the GEMV for one row per batch element (on ``quantize_rows``), else the
-        GEMM, which quantizes its rows itself. Otherwise quantize_rows and the TE int8_matmul."""
+        """On AVX2 the hand-scheduled kernels: the pair GEMV for one row per batch element (on ``quantize_rows``),
+        else a GEMM that quantizes its rows itself (on quad panels with VNNI). Otherwise quantize_rows and the TE
+        int8_matmul."""
         func, chunk, kind = self._w8a8_kernel(x.ty, weight.shape) or (None, 0, None)
         if kind == "gemm_vnni":
             return call_on_rows(self.builder_, func, [x], x.ty, weight.shape[1],
@@ -157,7 +156,7 @@ class _Rewriter(relax.PyExprMutator):
         """A GEMV on AVX2: ``w4a8_gemv_avx2``, which quantizes its rows itself. Otherwise the rows quantized and
         dequantized in float (q * s, exactly what the gate simulates) into the int4 dequant_matmul."""
         k, n = weight.shape
-        tiles = dequant_gemv.gemv_tiles(fmt, n, self.gemv_cores) if self.gemv_cores else None
+        tiles = dequant_gemv.gemv_tiles(fmt, n, self.cpu.cores) if self.cpu else None
         if tiles is not None and one_row_per_batch(x.ty) and not dequant_gemv.gemv_check(fmt, k, n, tiles[0]):
             if (fmt, k, n, tiles) not in self._gemv_kernels:
                 self._gemv_kernels[fmt, k, n, tiles] = self.builder_.add_func(
@@ -185,37 +184,34 @@ class _Rewriter(relax.PyExprMutator):
 
     def _w8a8_kernel(self, x_ty, weight_shape):
         """(the kernel's GlobalVar, its panel width, "gemv", "gemm" or "gemm_vnni") for x [..., K] @ W [K, N] on
-        an AVX2 target: the GEMV when every leading dim of x is 1 or a batch size, else the GEMM (on quad panels with
-        AVX512-VNNI, pair panels without); None when the shapes fit neither."""
-        if self.gemv_cores is None:
+        an AVX2 target: the GEMV when every leading dim of x is 1 or a batch size, else the first GEMM that takes the
+        shapes (on quad panels with AVX512-VNNI, then on pair panels); None when none does."""
+        if self.cpu is None:
             return None
         k, n = weight_shape
-        chunk = w8a8_matmul.gemv_pairs_chunk(n, self.gemv_cores)
+        chunk = w8a8_matmul.gemv_pairs_chunk(n, self.cpu.cores)
         if chunk is None:
             return None
-        kind = "gemv" if one_row_per_batch(x_ty) else "gemm"
-        if kind == "gemm" and chunk % w8a8_matmul.GEMM_STRIP:  # the GEMV's narrow panels: one register tile each
-            chunk = w8a8_matmul.GEMM_STRIP
-        if kind == "gemm" and self.vnni and not w8a8_matmul.gemm_quads_check(k, n, chunk):
-            kind, make, name = "gemm_vnni", w8a8_matmul.gemm_quads_vnni, "w8a8_gemm_vnni"
-        elif kind == "gemv":
-            check, make, name = w8a8_matmul.gemv_pairs_check, w8a8_matmul.gemv_pairs_avx2, "w8a8_gemv_avx2"
+        if one_row_per_batch(x_ty):
+            kernels = [("gemv", w8a8_matmul.gemv_pairs_check, w8a8_matmul.gemv_pairs_avx2)]
         else:
-            check, make, name = w8a8_matmul.gemm_pairs_check, w8a8_matmul.gemm_pairs_avx2, "w8a8_gemm_avx2"
-        if kind != "gemm_vnni" and check(k, n, chunk):
-            return None
-        if (kind, k, n, chunk) not in self._gemv_kernels:
-            self._gemv_kernels[kind, k, n, chunk] = self.builder_.add_func(make(k, n, chunk), name)
-        return self._gemv_kernels[kind, k, n, chunk], chunk, kind
+            chunk = max(chunk, w8a8_matmul.GEMM_STRIP)  # the GEMV's narrow panels: one register tile each
+            kernels = ([("gemm_vnni", w8a8_matmul.gemm_quads_check, w8a8_matmul.gemm_quads_vnni)] if self.cpu.int8_dot
+                       else []) + [("gemm", w8a8_matmul.gemm_pairs_check, w8a8_matmul.gemm_pairs_avx2)]
+        for kind, check, make in kernels:
+            if check(k, n, chunk):
+                continue
+            if (kind, k, n, chunk) not in self._gemv_kernels:
+                name = "w8a8_gemm_vnni" if kind == "gemm_vnni" else f"w8a8_{kind}_avx2"
+                self._gemv_kernels[kind, k, n, chunk] = self.builder_.add_func(make(k, n, chunk), name)
+            return self._gemv_kernels[kind, k, n, chunk], chunk, kind
+        return None
 
 
-def _has_vnni(target) -> bool:
-    return target is not None and not target.is_gpu and target.model().int8_dot
-
-
-def _gemv_chunk_cores(target) -> int | None:
-    """The CPU's core count when the w8a8 / w4a8 GEMV kernels run on it (AVX2), else None."""
+def _integer_simd_cpu(target):
+    """The target's CpuModel when the hand-scheduled integer kernels (w8a8 / w4a8 GEMVs and GEMMs) run on it: an
+    x86 CPU with AVX2. Else None."""
     if target is None or target.is_gpu:
         return None
     model = target.model()
-    return model.cores if model.int16_madd else None
+    return model if model.int16_madd else None
