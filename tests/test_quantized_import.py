@@ -134,6 +134,6 @@ def test_matmul_nbits_decode_runs_on_the_integer_gemv(partial_block):
     assert _rewrites(module, "select_gemv_kernels") == (1 if partial_block else 2)
     names = [kn["name"] for kn in module.report["kernels"]]
     # with k == n both matmuls share one GEMV kernel: count kernels of each kind, not calls
-    assert any("int4_gemv_avx2" in name for name in names)
+    assert any("int4_gemv_" in name for name in names)
     assert sum("dequant_matmul" in name for name in names) == (1 if partial_block else 0), names
     assert module.report["quant"]["dequantize_matmul_kernels"] >= 1

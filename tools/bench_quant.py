@@ -261,6 +261,27 @@ def gemv_chain_model(n: int, seed: int = 0):
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), weights
 
 
+INT4_AVX2 = "llmcc int4, AVX2 kernel (VNNI off)"
+
+
+def host_has_vnni() -> bool:
+    from llmcc.targets import host_cpu
+
+    return host_cpu().model().int8_dot
+
+
+def int4_gemv_without_vnni():
+    """Compile as if the CPU had no VNNI, for the int4 GEMVs only (``dequant_gemv.plan_gemv``)."""
+    import dataclasses
+    from unittest import mock
+
+    from llmcc.kernels import dequant_gemv
+
+    plan = dequant_gemv.plan_gemv
+    return mock.patch.object(dequant_gemv, "plan_gemv", lambda fmt, k, n, cpu: plan(
+        fmt, k, n, cpu and dataclasses.replace(cpu, int8_dot=False)))
+
+
 def gemv_row(system: str, run, x, weight_bytes: int, reference, bandwidth_gbs: float, ms: float, runs: int,
              **extra) -> dict:
     floor_ms = weight_bytes / (bandwidth_gbs * 1e9) * 1e3
@@ -286,6 +307,11 @@ def bench_gemv(n: int, bandwidth_gbs: float, threads: int, repeat: int, workdir:
         module, compile_s = compile_llmcc(proto, quant, None if quant == "none" else ALL_LAYERS)
         stored = sum(w.nbytes for w in weights) if quant == "none" else module.report["quant"]["weight_bytes"]["stored"]
         systems.append((llmcc_system(quant), module.run, stored, {"compile_s": compile_s}))
+    if host_has_vnni():  # the same int4 weights on the AVX2 kernel: what VNNI buys, in the same run
+        with int4_gemv_without_vnni():
+            module, compile_s = compile_llmcc(proto, "int4", ALL_LAYERS)
+        systems.append((INT4_AVX2, module.run, module.report["quant"]["weight_bytes"]["stored"],
+                        {"compile_s": compile_s}))
     src = workdir / f"gemv{n}.onnx"
     onnx.save(proto, str(src))
     ort_models = [("onnxruntime fp32", src),

@@ -1,4 +1,5 @@
-"""Weight-only int8 and int4 GEMV for AVX2 CPUs: integer products, activations kept to float32 precision.
+"""Weight-only int8 and int4 GEMV for AVX2 (and AVX512-VNNI) CPUs: integer products, activations kept to float32
+precision.
 
 A decode step's matmuls are GEMVs, bound by reading the weight, if the arithmetic keeps up. Dequantizing each
 weight to float32 does not here: widen, convert and FMA is 3 vector ops per 8 weights, and this kernel's
@@ -9,8 +10,8 @@ activations is split, per row, into two int16 parts,
     s = max|x| / 32767        x / s = hi + lo / 32768        |hi| <= 32767, |lo| <= 16384       (split_rows)
 
 which hold x / s (rounded to float32 first: 2^-24 of max|x|) to within 2^-16 of a step (2^-31 of max|x|): the
-scheme stays weight-only, and the kernel agrees with ``x @ dequantize(W)`` to float32 rounding. Both parts multiply the same
-widened weight vector; the int32 sums are moved into float32 before they can overflow:
+scheme stays weight-only, and the kernel agrees with ``x @ dequantize(W)`` to float32 rounding. Both parts multiply
+the same widened weight vector; the int32 sums are moved into float32 before they can overflow:
 
     y[n] = s * sum_blocks (float(sum hi * q) + float(sum lo * q) / 32768) * scale          (int8: per channel)
 
@@ -23,16 +24,19 @@ two 8-column pair vectors. A block is one quantization group (G/2 pairs); its ze
 int32 through the group's sums of hi and lo: sum (q - z) * hi = sum q * hi - z * sum hi.
 
 Every parallel task owns a contiguous run of panels and splits each row once. Sections: the numpy reference, the
-layouts, the TIR kernels.
+layouts and the choice of kernel (``plan_gemv``), the TIR kernels, and the int4 kernel for VNNI (three int8 digits
+per activation instead of two int16 parts: see there).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from llmcc.kernels.dequant_matmul import INT4_KINDS, INT4_PER_WORD, INT8_KINDS, WeightFormat, dequantize
-from llmcc.kernels.w8a8_matmul import (INT8_MAX, lane_macros, pack_pairs, quantize_rows_reference,
-                                       unpack_pairs)
+from llmcc.kernels.w8a8_matmul import (INT8_MAX, QUAD, dot_quads, lane_macros, pack_pairs,
+                                       quantize_rows_reference, unpack_pairs)
 
 HI_MAX = 32767.0
 LO_SCALE = 32768.0         # lo counts 2^-15 steps of hi
@@ -68,31 +72,38 @@ def dequant_gemv_reference(x: np.ndarray, arrays: list[np.ndarray], fmt: WeightF
 # ----------------------------------------------------------------------------------------- layouts
 
 
-def pack_nibble_pairs(packed: np.ndarray, chunk: int) -> np.ndarray:
-    """int4 words q[K/8, N] uint32 (``dequant_matmul``'s layout) -> [N/chunk, K/2, chunk/16, 16] uint8."""
+def pack_nibble_lanes(packed: np.ndarray, chunk: int, per_lane: int = 2) -> np.ndarray:
+    """int4 words q[K/8, N] uint32 (``dequant_matmul``'s layout) -> [N/chunk, K/per_lane, chunk/16, 8 * per_lane]
+    uint8: byte per_lane * j + e of a group holds k = per_lane * kk + e of column j (low nibble) and of column 8 + j
+    (high nibble). per_lane 2: the vpmaddwd pairs; 4: the vpdpbusd quads."""
     k8, n = packed.shape
+    k = k8 * INT4_PER_WORD
     nibbles = np.stack([(packed >> np.uint32(4 * i)) & np.uint32(15) for i in range(INT4_PER_WORD)], axis=1)
-    q = nibbles.reshape(k8 * INT4_PER_WORD // 2, 2, n // chunk, chunk // 16, 2, 8).astype(np.uint8)
+    q = nibbles.reshape(k // per_lane, per_lane, n // chunk, chunk // 16, 2, 8).astype(np.uint8)
     # axes: kk, e, panel, group, half (low / high nibble), j -> panel, kk, group, j, e with half as the nibble
     q = q.transpose(2, 0, 3, 4, 5, 1)
     return np.ascontiguousarray(q[:, :, :, 0] | (q[:, :, :, 1] << np.uint8(4))).reshape(
-        n // chunk, k8 * INT4_PER_WORD // 2, chunk // 16, 16)
+        n // chunk, k // per_lane, chunk // 16, 8 * per_lane)
 
 
-def unpack_nibble_pairs(pairs: np.ndarray) -> np.ndarray:
-    """The inverse of ``pack_nibble_pairs``: the nibbles q[K, N] as uint8."""
-    panels, k2, groups, _ = pairs.shape
-    b = pairs.reshape(panels, k2, groups, 8, 2)
+def unpack_nibble_lanes(lanes: np.ndarray) -> np.ndarray:
+    """The inverse of ``pack_nibble_lanes`` (either width): the nibbles q[K, N] as uint8."""
+    panels, kk, groups, width = lanes.shape
+    per_lane = width // 8
+    b = lanes.reshape(panels, kk, groups, 8, per_lane)
     q = np.stack([b & np.uint8(15), b >> np.uint8(4)], axis=3)           # panel, kk, group, half, j, e
-    return np.ascontiguousarray(q.transpose(1, 5, 0, 2, 3, 4)).reshape(2 * k2, panels * groups * 16)
+    return np.ascontiguousarray(q.transpose(1, 5, 0, 2, 3, 4)).reshape(per_lane * kk, panels * groups * 16)
 
 
-def gemv_check(fmt: WeightFormat, k: int, n: int, chunk: int) -> str | None:
-    """Why a [k, n] weight in ``fmt`` cannot take the GEMV with ``chunk`` outputs per panel, or None."""
-    if fmt.kind not in ("int8",) + INT4_KINDS:
-        return f"{fmt.kind} weights have no integer GEMV"
+def gemv_check(fmt: WeightFormat, k: int, n: int, chunk: int, vnni: bool = False) -> str | None:
+    """Why a [k, n] weight in ``fmt`` cannot take the GEMV (``vnni``: the VNNI int4 one) with ``chunk`` outputs per
+    panel, or None."""
+    if fmt.kind not in (INT4_KINDS if vnni else ("int8",) + INT4_KINDS):
+        return f"{fmt.kind} weights have no integer GEMV" + (" for VNNI" if vnni else "")
     if k % 2:
         return f"K={k} is odd"
+    if vnni and (k % LANES or fmt.group_size % QUAD):
+        return f"K={k} is not a multiple of {LANES}, or the group size {fmt.group_size} of {QUAD}"
     step = 16 if fmt.kind in INT4_KINDS else LANES
     if chunk % step or n % chunk:
         return f"N={n} is not a multiple of the {chunk}-output chunk (a multiple of {step})"
@@ -113,17 +124,55 @@ def gemv_tiles(fmt: WeightFormat, n: int, cores: int) -> tuple[int, int] | None:
     return None
 
 
-def gemv_weights(arrays: list[np.ndarray], fmt: WeightFormat, chunk: int) -> list[np.ndarray]:
-    """The kernel's weight inputs from ``dequant_matmul.quantize``'s arrays: the packed panels, then the scales (and
-    the int4 zero points). int8 and w8a8 share the pair panels of ``w8a8_matmul.pack_pairs``."""
+def gemv_weights(arrays: list[np.ndarray], fmt: WeightFormat, chunk: int, vnni: bool = False) -> list[np.ndarray]:
+    """The kernel's weight inputs from ``dequant_matmul.quantize``'s arrays: the packed panels (nibble quads for
+    the VNNI kernel), then the scales (and the int4 zero points). int8 and w8a8 share the pair panels of
+    ``w8a8_matmul.pack_pairs``."""
     if fmt.kind in INT8_KINDS:
         return [pack_pairs(arrays[0], chunk)] + list(arrays[1:])
-    return [pack_nibble_pairs(arrays[0], chunk)] + list(arrays[1:])
+    return [pack_nibble_lanes(arrays[0], chunk, QUAD if vnni else 2)] + list(arrays[1:])
 
 
 def gemv_weight_matrix(panels: np.ndarray, fmt: WeightFormat) -> np.ndarray:
     """The integer weight q[K, N] a packed panel array holds (for tests)."""
-    return unpack_pairs(panels) if fmt.kind in INT8_KINDS else unpack_nibble_pairs(panels)
+    return unpack_pairs(panels) if fmt.kind in INT8_KINDS else unpack_nibble_lanes(panels)
+
+
+@dataclass(frozen=True)
+class GemvPlan:
+    """Which GEMV kernel a [k, n] weight in ``fmt`` takes on a CPU, and its tiles: the VNNI int4 kernel where the
+    CPU has vpdpbusd, else the AVX2 one."""
+
+    fmt: WeightFormat
+    k: int
+    n: int
+    chunk: int
+    tasks: int
+    vnni: bool
+
+    @property
+    def name(self) -> str:
+        return f"{self.fmt.kind}_gemv_{'vnni' if self.vnni else 'avx2'}"
+
+    def kernel(self):
+        make = dequant_gemv_vnni if self.vnni else dequant_gemv_avx2
+        return make(self.fmt, self.k, self.n, self.chunk, self.tasks)
+
+    def weights(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        return gemv_weights(arrays, self.fmt, self.chunk, self.vnni)
+
+
+def plan_gemv(fmt: WeightFormat, k: int, n: int, cpu) -> GemvPlan | None:
+    """The GEMV for a [k, n] weight on ``cpu`` (a ``CpuModel``), or None when no integer GEMV takes it."""
+    if cpu is None or not cpu.int16_madd:
+        return None
+    tiles = gemv_tiles(fmt, n, cpu.cores)
+    if tiles is None:
+        return None
+    for vnni in ((True, False) if cpu.int8_dot else (False,)):
+        if not gemv_check(fmt, k, n, tiles[0], vnni):
+            return GemvPlan(fmt, k, n, *tiles, vnni)
+    return None
 
 
 # ----------------------------------------------------------------------------------------- kernels (TIR)
@@ -322,3 +371,153 @@ def _int4_gemv(k: int, n: int, chunk: int, tasks: int, group: int, symmetric: bo
         int4_rows(x, y, w, s_w, zero, rows)
 
     return int4_gemv_avx2
+
+
+# ----------------------------------------------------------------------------------------- int4 GEMV for AVX512-VNNI
+#
+# vpdpbusd multiplies 32 unsigned x signed byte pairs into 8 int32 lanes (four each): 32 products per op, where the
+# kernels above get 16 from vpmaddwd, and those were the int4 GEMV's limit (1.19x its memory floor on a Zen 4 VM,
+# bench/quant.md). The nibbles are the unsigned operand as they are stored (0..15; the zero point comes off through
+# the activations' group sums, as above), and the activations are the signed one: their digits in base 254,
+#
+#     s = max|x| / 127      x / s = d0 + d1 / 254 + d2 / 254^2      |d| <= 127       (digit_rows_reference)
+#
+# three int8 digits hold x / s to half a step of d2 (2^-24 of max|x|, float32's own rounding of the largest value):
+# weight-only int4 with float32 activations, in three vpdpbusd per weight vector where the pair kernel takes four
+# vpmaddwd. w4a8 is the first digit alone (it is quantize_rows). The weight is in nibble quads,
+# [N/chunk, K/4, chunk/16, 32] uint8: one 32-byte load, masked and shifted, is 16 columns x 4 k.
+
+DIGIT_BASE = 254.0  # |(v - round(v)) * 254| <= 127: each digit fits int8
+
+
+def digit_rows_reference(x: np.ndarray, digits: int) -> tuple[np.ndarray, np.ndarray]:
+    """x[rows, K] float32 -> (d [digits, rows, K] int8, s [rows, 1] float32), as the VNNI kernel splits a row."""
+    x = np.asarray(x, np.float32)
+    s = np.maximum(np.abs(x).max(axis=-1, keepdims=True) / np.float32(INT8_MAX), np.float32(TINY)).astype(np.float32)
+    v = (x / s).astype(np.float32)
+    out = []
+    for _ in range(digits):
+        d = np.round(v)
+        out.append(d.astype(np.int8))
+        v = ((v - d) * np.float32(DIGIT_BASE)).astype(np.float32)
+    return np.stack(out), s
+
+
+def dequant_gemv_vnni(fmt: WeightFormat, k: int, n: int, chunk: int, tasks: int):
+    """The TIR kernel ``(x[rows, K] float32, nibble quads, scale[, zero]) -> y[rows, N] float32`` for int4 and
+    w4a8 weights, rows symbolic, parallel over ``tasks`` runs of panels; for targets with AVX512-VNNI (and VL)."""
+    problem = gemv_check(fmt, k, n, chunk, vnni=True)
+    if problem:
+        raise ValueError(f"dequant GEMV (VNNI): {problem}")
+    panels = n // chunk
+    if panels % tasks:
+        raise ValueError(f"dequant GEMV (VNNI): {panels} panels do not split into {tasks} tasks")
+    from tvm.script import tirx as T
+
+    digits = 3 if fmt.kind == "int4" else 1
+    k4, vectors, panels, nibble_groups = k // QUAD, chunk // LANES, n // chunk, chunk // 16
+    per_task, group_quads, n_groups, group = panels // tasks, fmt.group_size // QUAD, k // fmt.group_size, \
+        fmt.group_size
+
+    @T.macro
+    def digit_row(x, m, words, sums, scale):
+        """Row m of x as ``digits`` int8 digits (words: digit i's k quads from i * k4), their sums per group."""
+        d = T.decl_buffer((digits * k,), "int8", data=words.data)
+        top = T.decl_buffer((LANES,), "float32")
+        v = T.decl_buffer((LANES,), "float32")
+        top[T.ramp(0, 1, LANES)] = T.broadcast(T.float32(0), LANES)
+        for i in range(k // LANES):
+            top[T.ramp(0, 1, LANES)] = T.max(top[T.ramp(0, 1, LANES)], T.fabs(x[m, T.ramp(i * LANES, 1, LANES)]))
+        scale[0] = T.float32(0)
+        for i in range(LANES):
+            scale[0] = T.max(scale[0], top[i])
+        scale[0] = T.max(scale[0] / T.float32(INT8_MAX), T.float32(TINY))
+        for i in range(k // LANES):
+            v[T.ramp(0, 1, LANES)] = x[m, T.ramp(i * LANES, 1, LANES)] / T.broadcast(scale[0], LANES)
+            for j in T.unroll(digits):
+                digit = T.nearbyint(v[T.ramp(0, 1, LANES)])
+                d[T.ramp(j * k + i * LANES, 1, LANES)] = T.Cast(f"int8x{LANES}", T.Cast(f"int32x{LANES}", digit))
+                v[T.ramp(0, 1, LANES)] = (v[T.ramp(0, 1, LANES)] - digit) * T.broadcast(T.float32(DIGIT_BASE), LANES)
+        for j in range(digits):
+            for g in range(n_groups):
+                sums[j * n_groups + g] = 0
+                for i in range(group):
+                    sums[j * n_groups + g] = sums[j * n_groups + g] + T.Cast("int32", d[j * k + g * group + i])
+
+    def zero_point(zero, g, col):
+        """The group's zero points of 8 columns as int32 lanes (symmetric: the stored offset 8)."""
+        if zero is None:
+            return T.broadcast(T.int32(8), LANES)
+        return T.Cast("int32x8", zero[g, T.ramp(col, 1, LANES)])
+
+    def digit_sum(dots, sums, j, g, v, z):
+        """Digit j's exact int32 sum over group g of 8 columns, zero point off, as float32."""
+        return T.Cast("float32x8", dots[T.ramp(j * chunk + v * LANES, 1, LANES)]
+                      - z * T.broadcast(sums[j * n_groups + g], LANES))
+
+    def group_sum(dots, sums, g, v, z):
+        """sum_k (q - z) x / s over group g of 8 columns: the digits' sums, weighted 1, 1/254, 1/254^2."""
+        total = digit_sum(dots, sums, digits - 1, g, v, z)
+        for j in range(digits - 2, -1, -1):  # Python, at parse time: Horner from the smallest digit
+            total = digit_sum(dots, sums, j, g, v, z) + total * T.broadcast(T.float32(1 / DIGIT_BASE), LANES)
+        return total
+
+    @T.macro
+    def int4_rows(x, y, w, s_w, zero, rows):
+        for t in T.parallel(tasks):
+            words = T.decl_buffer((digits * k4,), "int32")
+            sums = T.decl_buffer((digits * n_groups,), "int32")
+            scale = T.decl_buffer((1,), "float32")
+            dots = T.decl_buffer((digits * chunk,), "int32")
+            acc = T.decl_buffer((chunk,), "float32")
+            for m in range(rows):
+                digit_row(x, m, words, sums, scale)
+                for p in range(per_task):
+                    for v in range(vectors):
+                        acc[T.ramp(v * LANES, 1, LANES)] = T.broadcast(T.float32(0), LANES)
+                    for g in range(n_groups):
+                        for v in range(digits * vectors):
+                            dots[T.ramp(v * LANES, 1, LANES)] = T.broadcast(T.int32(0), LANES)
+                        for kq in range(g * group_quads, g * group_quads + group_quads):
+                            for ng in T.unroll(nibble_groups):
+                                raw = w[T.ramp((((t * per_task + p) * k4 + kq) * nibble_groups + ng) * 32, 1, 32)]
+                                w_lo = T.bitwise_and(raw, T.broadcast(T.uint8(15), 32))
+                                w_hi = T.shift_right(raw, T.broadcast(T.uint8(4), 32))
+                                for j in T.unroll(digits):
+                                    xb = T.broadcast(words[j * k4 + kq], LANES)
+                                    at = j * chunk + ng * 16
+                                    dots[T.ramp(at, 1, LANES)] = dot_quads(dots[T.ramp(at, 1, LANES)], w_lo, xb)
+                                    dots[T.ramp(at + LANES, 1, LANES)] = dot_quads(
+                                        dots[T.ramp(at + LANES, 1, LANES)], w_hi, xb)
+                        for v in T.unroll(vectors):
+                            col = (t * per_task + p) * chunk + v * LANES
+                            acc[T.ramp(v * LANES, 1, LANES)] = acc[T.ramp(v * LANES, 1, LANES)] + s_w[
+                                g, T.ramp(col, 1, LANES)] * group_sum(dots, sums, g, v, zero_point(zero, g, col))
+                    for j in range(chunk):
+                        y[m, (t * per_task + p) * chunk + j] = acc[j] * scale[0]
+
+    if fmt.symmetric:
+        @T.prim_func(private=True)
+        def int4_gemv_vnni(a: T.handle, q_nibbles: T.Buffer((panels, k4, nibble_groups, 32), "uint8"),
+                           s_w: T.Buffer((n_groups, n), "float32"), y_handle: T.handle):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            rows = T.int64()
+            x = T.match_buffer(a, (rows, k), "float32")
+            y = T.match_buffer(y_handle, (rows, n), "float32")
+            w = T.decl_buffer((panels * k4 * chunk * 2,), "uint8", data=q_nibbles.data)
+            int4_rows(x, y, w, s_w, None, rows)
+
+        return int4_gemv_vnni
+
+    @T.prim_func(private=True)
+    def int4_gemv_vnni(a: T.handle, q_nibbles: T.Buffer((panels, k4, nibble_groups, 32), "uint8"),
+                       s_w: T.Buffer((n_groups, n), "float32"), zero: T.Buffer((n_groups, n), "float32"),
+                       y_handle: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        rows = T.int64()
+        x = T.match_buffer(a, (rows, k), "float32")
+        y = T.match_buffer(y_handle, (rows, n), "float32")
+        w = T.decl_buffer((panels * k4 * chunk * 2,), "uint8", data=q_nibbles.data)
+        int4_rows(x, y, w, s_w, zero, rows)
+
+    return int4_gemv_vnni

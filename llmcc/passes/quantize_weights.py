@@ -32,9 +32,9 @@ get theirs from ``select_gemv_kernels``, later)::
     q = R.reshape(lv[0], (batch, K)); s = R.reshape(lv[1], (batch, 1))
     y = R.reshape(R.call_tir(w8a8_gemv_avx2, (q, s, q_pairs, s_w), R.Tensor((batch, N))), (batch, 1, N))
 
-w4a8 (int4 weights, activations quantized per token): a GEMV on AVX2 takes ``w4a8_gemv_avx2``
-(``llmcc.kernels.dequant_gemv``), which quantizes its rows itself and sums int8 x int4 products in int32; anything
-else quantizes the rows, multiplies them back (q * s) and runs the int4 ``dequant_matmul`` on that::
+w4a8 (int4 weights, activations quantized per token): a GEMV on AVX2 takes ``w4a8_gemv_avx2`` (``w4a8_gemv_vnni``
+with VNNI; ``llmcc.kernels.dequant_gemv``), which quantizes its rows itself and sums int8 x int4 products in int32;
+anything else quantizes the rows, multiplies them back (q * s) and runs the int4 ``dequant_matmul`` on that::
 
     y = R.reshape(R.call_tir(w4a8_gemv_avx2, (R.reshape(x, (batch, K)), q_nibbles, s_w), ...), (batch, 1, N))
 """
@@ -153,16 +153,17 @@ class _Rewriter(relax.PyExprMutator):
                             self._store(key, weight, fmt, gemv_chunk=chunk))
 
     def _w4a8_matmul(self, x, key, weight, fmt):
-        """A GEMV on AVX2: ``w4a8_gemv_avx2``, which quantizes its rows itself. Otherwise the rows quantized and
-        dequantized in float (q * s, exactly what the gate simulates) into the int4 dequant_matmul."""
+        """A GEMV on AVX2: ``w4a8_gemv_avx2`` (``w4a8_gemv_vnni`` with VNNI), which quantizes its rows itself.
+        Otherwise the rows quantized and dequantized in float (q * s, exactly what the gate simulates) into the int4
+        dequant_matmul."""
         k, n = weight.shape
-        tiles = dequant_gemv.gemv_tiles(fmt, n, self.cpu.cores) if self.cpu else None
-        if tiles is not None and one_row_per_batch(x.ty) and not dequant_gemv.gemv_check(fmt, k, n, tiles[0]):
-            if (fmt, k, n, tiles) not in self._gemv_kernels:
-                self._gemv_kernels[fmt, k, n, tiles] = self.builder_.add_func(
-                    dequant_gemv.dequant_gemv_avx2(fmt, k, n, *tiles), "w4a8_gemv_avx2")
-            return call_on_rows(self.builder_, self._gemv_kernels[fmt, k, n, tiles], [x], x.ty, n,
-                                self._store(key, weight, fmt, gemv_chunk=tiles[0]))
+        plan = dequant_gemv.plan_gemv(fmt, k, n, self.cpu) if one_row_per_batch(x.ty) else None
+        if plan is not None:
+            if plan not in self._gemv_kernels:
+                self._gemv_kernels[plan] = self.builder_.add_func(plan.kernel(), plan.name)
+            return call_on_rows(self.builder_, self._gemv_kernels[plan], [x], x.ty, n,
+                                self._store(key, weight, fmt, gemv_chunk=plan.chunk,
+                                            layout="nibble_quads" if plan.vnni else "pairs"))
         rows = self.builder_.emit(self.builder_.call_te(quantize_rows_te, x, primfunc_name_hint="quantize_rows"))
         rounded = self.builder_.emit(relax.op.multiply(relax.op.astype(relax.TupleGetItem(rows, 0), "float32"),
                                                        relax.TupleGetItem(rows, 1)))
@@ -177,7 +178,7 @@ class _Rewriter(relax.PyExprMutator):
             if gemv_chunk and layout == "quads":
                 arrays = w8a8_matmul.quad_weights(*arrays, gemv_chunk)
             elif gemv_chunk:
-                arrays = dequant_gemv.gemv_weights(arrays, fmt, gemv_chunk)
+                arrays = dequant_gemv.gemv_weights(arrays, fmt, gemv_chunk, vnni=layout == "nibble_quads")
             self._stored[key, gemv_chunk, layout] = [relax.const(np.ascontiguousarray(a)) for a in arrays]
             self.quantized[key] = self.quantized.get(key, 0) + stored_bytes(arrays)
         return self._stored[key, gemv_chunk, layout]

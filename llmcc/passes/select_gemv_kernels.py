@@ -1,10 +1,11 @@
-"""select_gemv_kernels: a decode GEMV on an int8 or int4 weight takes the AVX2 integer GEMV kernel.
+"""select_gemv_kernels: a decode GEMV on an int8 or int4 weight takes an integer GEMV kernel (AVX2, or VNNI for int4).
 
 A quantized weight reaches the graph as ``dequant_matmul`` from three places: ``quantize_weights`` (llmcc's own
 quantization), ``fuse_dequantize_matmul`` (QDQ int8 weights) and the MatMulNBits importer (onnxruntime's int4).
 Where the activation has one row per batch element (decode) and the target has AVX2, this pass swaps the kernel for
-``llmcc.kernels.dequant_gemv``'s, repacking the weight into its panels (same bytes), with the activation's leading
-dims flattened into rows. Runs first in the weights phase, while the weights are still constants.
+``llmcc.kernels.dequant_gemv``'s (``plan_gemv``: int4 takes ``int4_gemv_vnni`` where the target has AVX512-VNNI),
+repacking the weight into its panels (same bytes), with the activation's leading dims flattened into rows. Runs
+first in the weights phase, while the weights are still constants.
 
 Matching (``gemv_site``) reads the format off the kernel's ``llmcc.weight_format`` attribute, which every emitter
 sets (``dequant_matmul.call_dequant_matmul``): the constants alone do not say an int4 group size (MatMulNBits allows
@@ -21,6 +22,7 @@ After::
 
     x2 = R.reshape(x, R.shape([batch, K]))
     lv1 = R.call_tir(int4_gemv_avx2, (x2, metadata["ir.GenericConst"][2],             # [N/32, K/2, 2, 16] uint8
+                                                                            # (VNNI: [N/32, K/4, 2, 32])
                                       metadata["ir.GenericConst"][1]), out_sinfo=R.Tensor((batch, N), "float32"))
     lv = R.reshape(lv1, R.shape([batch, 1, N]))
 """
@@ -40,12 +42,12 @@ from llmcc.quant.gate import fingerprint
 from llmcc.schedules import is_batch_size
 
 DEQUANT_MATMUL = "dequant_matmul_"  # name hint of every dequant_matmul kernel
-GEMV_KERNELS = ("int8_gemv_avx2", "int4_gemv_avx2")  # what this pass turns them into
+GEMV_KERNELS = ("int8_gemv_", "int4_gemv_", "w4a8_gemv_")  # dequant_gemv.GemvPlan.name: this pass's, w4a8's
 
 
 def is_dequant_matmul(kernel_name: str) -> bool:
-    """A kernel that reads a quantized weight and dequantizes it inside the matmul: dequant_matmul_te's, or the
-    GEMV this pass put in its place."""
+    """A kernel that reads a quantized weight and dequantizes it inside the matmul: dequant_matmul_te's, or an
+    integer GEMV put in its place (here, or by quantize_weights for w4a8)."""
     return DEQUANT_MATMUL in kernel_name or any(kernel_name.startswith(g) for g in GEMV_KERNELS)
 
 
@@ -102,20 +104,20 @@ class SelectGemvKernels(LlmccPass):
     def __init__(self, target=None) -> None:
         super().__init__()
         model = target.model() if target is not None and not target.is_gpu else None
-        self.cores = model.cores if model is not None and model.int16_madd else None
+        self.cpu = model if model is not None and model.int16_madd else None
 
     def transform(self, mod):
-        if self.cores is None:
+        if self.cpu is None:
             return mod, 0
-        mod, count = rewrite_relax_functions(_Rewriter(mod, self.cores), mod)
+        mod, count = rewrite_relax_functions(_Rewriter(mod, self.cpu), mod)
         return (relax.transform.DeadCodeElimination()(mod), count) if count else (mod, 0)
 
 
 @relax.expr_functor.mutator
 class _Rewriter(relax.PyExprMutator):
-    def __init__(self, mod, cores: int):
+    def __init__(self, mod, cpu):
         super().__init__(mod)
-        self.cores = cores
+        self.cpu = cpu
         self.rewrites = 0
         self._kernels: dict[tuple, relax.GlobalVar] = {}
         self._stored: dict[tuple, list] = {}  # a weight read by several GEMVs is repacked once
@@ -125,16 +127,13 @@ class _Rewriter(relax.PyExprMutator):
         site = gemv_site(call, self.builder_.get())
         if site is None:
             return call
-        tiles = dequant_gemv.gemv_tiles(site.fmt, site.n, self.cores)
-        if tiles is None or dequant_gemv.gemv_check(site.fmt, site.k, site.n, tiles[0]):
+        plan = dequant_gemv.plan_gemv(site.fmt, site.k, site.n, self.cpu)
+        if plan is None:
             return call
-        key = (site.fmt, site.k, site.n, tiles)
-        if key not in self._kernels:
-            func = dequant_gemv.dequant_gemv_avx2(site.fmt, site.k, site.n, *tiles)
-            self._kernels[key] = self.builder_.add_func(func, GEMV_KERNELS[site.fmt.kind == "int4"])
-        weights = (fingerprint(site.arrays[0]), tiles[0])
+        if plan not in self._kernels:
+            self._kernels[plan] = self.builder_.add_func(plan.kernel(), plan.name)
+        weights = (fingerprint(site.arrays[0]), plan.chunk, plan.vnni)
         if weights not in self._stored:
-            self._stored[weights] = [relax.const(np.ascontiguousarray(a))
-                                     for a in dequant_gemv.gemv_weights(site.arrays, site.fmt, tiles[0])]
+            self._stored[weights] = [relax.const(np.ascontiguousarray(a)) for a in plan.weights(site.arrays)]
         self.rewrites += 1
-        return call_on_rows(self.builder_, self._kernels[key], [site.x], site.x.ty, site.n, self._stored[weights])
+        return call_on_rows(self.builder_, self._kernels[plan], [site.x], site.x.ty, site.n, self._stored[weights])

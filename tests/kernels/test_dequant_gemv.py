@@ -1,5 +1,5 @@
-"""The int8 / int4 / w4a8 GEMVs for AVX2 CPUs (llmcc.kernels.dequant_gemv) vs x @ dequantize(W) in float64 (w4a8: x
-quantized per row first)."""
+"""The int8 / int4 / w4a8 GEMVs for AVX2 CPUs, and the int4 / w4a8 ones for AVX512-VNNI (llmcc.kernels.dequant_gemv)
+vs x @ dequantize(W) in float64 (w4a8: x quantized per row first)."""
 
 import numpy as np
 import pytest
@@ -11,11 +11,15 @@ from llmcc.kernels.w8a8_matmul import quantize_rows_reference
 from llmcc.targets import resolve
 
 AVX2 = resolve("cpu").model().int16_madd
+VNNI = resolve("cpu").model().int8_dot
 FORMATS = [WeightFormat("int8"), WeightFormat("int4", 32, True), WeightFormat("int4", 32, False),
            WeightFormat("int4", 128, True), WeightFormat("int4", 128, False), WeightFormat("w4a8", 32, True)]
-# The kernel's activations hold x to max|x| * 4.7e-10 and its sums are exact in int32: what is left is float32
-# rounding of the block sums and of x / s, well under 1e-6 relative on outputs of these sizes
+# The kernels' activations hold x to max|x| * 4.7e-10 (AVX2: two int16 parts) or max|x| * 6.1e-8 (VNNI: three int8
+# digits) and their sums are exact in int32: what is left is float32 rounding of the block sums and of x / s, well
+# under 1e-6 relative on outputs of these sizes (two int8 digits, max|x| * 1.6e-5, would miss it)
 REL_TOL = 1e-6
+KERNELS = [pytest.param(False, id="avx2", marks=pytest.mark.skipif(not AVX2, reason="needs AVX2")),
+           pytest.param(True, id="vnni", marks=pytest.mark.skipif(not VNNI, reason="needs AVX512-VNNI"))]
 
 
 def _random_x(rng, rows, k):
@@ -27,15 +31,17 @@ def _random_x(rng, rows, k):
     return x
 
 
-def _build(fmt, k, n, chunk, tasks):
-    func = dg.dequant_gemv_avx2(fmt, k, n, chunk, tasks).with_attr("global_symbol", "main")
-    return tvm.tirx.build(func, target=resolve("cpu").tvm_target())
+def _build(fmt, k, n, chunk, tasks, vnni=False):
+    plan = dg.GemvPlan(fmt, k, n, chunk, tasks, vnni)
+    return tvm.tirx.build(plan.kernel().with_attr("global_symbol", "main"), target=resolve("cpu").tvm_target())
 
 
-@pytest.mark.skipif(not AVX2, reason="needs AVX2")
+@pytest.mark.parametrize("vnni", KERNELS)
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.tag)
 @pytest.mark.parametrize("rows", [1, 3])
-def test_gemv_matches_float64_reference(fmt, rows, seed):
+def test_gemv_matches_float64_reference(fmt, rows, vnni, seed):
+    if vnni and fmt.kind == "int8":
+        pytest.skip("int8 has no VNNI GEMV")
     rng = np.random.default_rng(seed)
     group = fmt.group_size or 2
     # K past one int8 block (256 k pairs) in some draws, so block sums are moved to float32 more than once
@@ -45,29 +51,32 @@ def test_gemv_matches_float64_reference(fmt, rows, seed):
     cores = int(rng.integers(1, 9))
     chunk, tasks = dg.gemv_tiles(fmt, n, cores)
     arrays = quantize(rng.standard_normal((k, n)).astype(np.float32), fmt)
-    stored = dg.gemv_weights(arrays, fmt, chunk)
+    stored = dg.gemv_weights(arrays, fmt, chunk, vnni)
     x = _random_x(rng, rows, k)
     y = tvm.runtime.tensor(np.zeros((rows, n), np.float32))
-    _build(fmt, k, n, chunk, tasks)["main"](*[tvm.runtime.tensor(a) for a in [x, *stored]], y)
+    _build(fmt, k, n, chunk, tasks, vnni)["main"](*[tvm.runtime.tensor(a) for a in [x, *stored]], y)
     if fmt.kind == "w4a8":  # its rows quantized to int8 as quantize_rows does, then exact int32 sums
         q_x, s_x = quantize_rows_reference(x)
         x = q_x.astype(np.float64) * s_x
     want = x.astype(np.float64) @ dequantize(arrays, fmt).astype(np.float64)
     got = y.numpy()
     rel = np.linalg.norm(got - want) / np.linalg.norm(want)
-    where = f"seed {seed}: {fmt.tag} k {k} n {n} chunk {chunk} tasks {tasks}"
+    where = f"seed {seed}: {fmt.tag} k {k} n {n} chunk {chunk} tasks {tasks} vnni {vnni}"
     assert rel <= REL_TOL, f"{where}: rel err {rel:.2e}"
     if rows > 1:
         assert np.all(got[1] == 0), where
 
 
-@pytest.mark.parametrize("fmt", FORMATS[:3], ids=lambda f: f.tag)
-def test_layouts_round_trip(fmt, seed):
+@pytest.mark.parametrize("fmt, vnni", [(FORMATS[0], False), (FORMATS[1], False), (FORMATS[2], False),
+                                       (FORMATS[1], True)], ids=["int8", "int4_pairs", "int4_asym_pairs", "int4_quads"])
+def test_layouts_round_trip(fmt, vnni, seed):
     rng = np.random.default_rng(seed)
     k, n = 64 * int(rng.integers(1, 4)), 32 * int(rng.integers(1, 4))
     arrays = quantize(rng.standard_normal((k, n)).astype(np.float32), fmt)
     chunk = int(rng.choice([16, 32]))
-    panels = dg.gemv_weights(arrays, fmt, chunk)[0]
+    panels = dg.gemv_weights(arrays, fmt, chunk, vnni)[0]
+    if vnni:
+        assert panels.shape == (n // chunk, k // 4, chunk // 16, 32)
     if fmt.kind == "int8":
         want = arrays[0]
     else:  # dequant_matmul's nibbles, unpacked from its uint32 words
@@ -86,6 +95,37 @@ def test_split_rows_holds_float32_precision(seed):
     assert np.all(np.abs(back - x) <= np.abs(x).max(axis=1, keepdims=True) * 2.0 ** -23), f"seed {seed}"
 
 
+def test_digit_rows_hold_float32_precision(seed):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((4, 300)) * np.exp(rng.uniform(-8, 8, (4, 1)))).astype(np.float32)
+    x[0, int(rng.integers(0, 300))] *= 100.0  # an outlier sets the row's scale
+    d, s = dg.digit_rows_reference(x, 3)
+    assert np.abs(d.astype(np.int64)).max() <= 127
+    back = s.astype(np.float64) * (d[0] + d[1] / 254.0 + d[2] / 254.0 ** 2)
+    # x / s rounds in float32 (2^-24 of max|x|); three digits then hold it to half a step of the last, s / 2 / 254^2
+    # (2^-24 of max|x| again); two digits would leave s / 2 / 254, 2^-16
+    tol = np.abs(x).max(axis=1, keepdims=True) * 2.0 ** -23
+    assert np.all(np.abs(back - x) <= tol), f"seed {seed}"
+    assert not np.all(np.abs(s.astype(np.float64) * (d[0] + d[1] / 254.0) - x) <= tol), f"seed {seed}"
+    q, s_w4a8 = quantize_rows_reference(x)  # w4a8's one digit is quantize_rows
+    one, s_one = dg.digit_rows_reference(x, 1)
+    assert np.array_equal(one[0], q) and np.array_equal(s_one, s_w4a8)
+
+
+def test_plan_picks_vnni_for_int4_only_where_the_cpu_has_it():
+    from llmcc.targets import TargetSpec
+
+    sse, avx2, vnni = (TargetSpec("cpu", "llvm", mcpu=m).model() for m in ("x86-64", "znver3", "znver4"))
+    int4, int8, w4a8 = WeightFormat("int4", 32), WeightFormat("int8"), WeightFormat("w4a8", 32)
+    assert dg.plan_gemv(int4, 4096, 4096, vnni).name == "int4_gemv_vnni"
+    assert dg.plan_gemv(w4a8, 4096, 4096, vnni).name == "w4a8_gemv_vnni"
+    assert dg.plan_gemv(int8, 4096, 4096, vnni).name == "int8_gemv_avx2"  # int8 has no VNNI GEMV
+    assert dg.plan_gemv(int4, 4096, 4096, avx2).name == "int4_gemv_avx2"
+    assert dg.plan_gemv(WeightFormat("int4", 4), 36, 32, vnni).name == "int4_gemv_avx2"  # K not a multiple of 8
+    assert dg.plan_gemv(int4, 4096, 4096, sse) is None and dg.plan_gemv(int4, 4096, 4096, None) is None
+    assert dg.plan_gemv(int4, 4096, 40, vnni) is None  # N not a multiple of 16
+
+
 def test_refuses_what_it_cannot_tile():
     int4 = WeightFormat("int4", 32)
     assert dg.gemv_check(WeightFormat("int8"), 63, 64, 32) == "K=63 is odd"
@@ -102,3 +142,7 @@ def test_refuses_what_it_cannot_tile():
         dg.dequant_gemv_avx2(WeightFormat("int8"), 63, 64, 32, 2)
     with pytest.raises(ValueError, match="do not split into 3 tasks"):
         dg.dequant_gemv_avx2(WeightFormat("int8"), 64, 64, 32, 3)
+    assert "no integer GEMV for VNNI" in dg.gemv_check(WeightFormat("int8"), 64, 64, 32, vnni=True)
+    assert "not a multiple of 8" in dg.gemv_check(WeightFormat("int4", 4), 36, 64, 32, vnni=True)
+    with pytest.raises(ValueError, match=r"dequant GEMV \(VNNI\): 2 panels do not split into 3 tasks"):
+        dg.dequant_gemv_vnni(int4, 64, 64, 32, 3)

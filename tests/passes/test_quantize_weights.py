@@ -146,9 +146,9 @@ def _consts(mod):
 
 
 def test_w4a8_takes_its_gemv_on_avx2_and_rounds_rows_elsewhere():
-    """A w4a8 GEMV on an AVX2 CPU: w4a8_gemv_avx2 on nibble panels, quantizing its rows itself. A sequence of rows
-    or CUDA: quantize_rows, the rows multiplied back, and the int4 dequant_matmul. Either computes the per-token
-    int8 rows times the dequantized int4 weight."""
+    """A w4a8 GEMV on an AVX2 CPU: w4a8_gemv_avx2 (w4a8_gemv_vnni with VNNI) on nibble panels, quantizing its rows
+    itself. A sequence of rows or CUDA: quantize_rows, the rows multiplied back, and the int4 dequant_matmul. Either
+    computes the per-token int8 rows times the dequantized int4 weight."""
     from llmcc.kernels.w8a8_matmul import quantize_rows_reference
     from llmcc.targets import host_cpu, resolve
 
@@ -160,7 +160,7 @@ def test_w4a8_takes_its_gemv_on_avx2_and_rounds_rows_elsewhere():
                                ([batch, seq], host_cpu(), False), ([batch, 1], resolve("cuda:sm_80"), False)):
         after = QuantizeWeights({fingerprint(w): ("proj", fmt)}, target)(matmul_module(w, dims))
         where = f"{dims} on {target.name}"
-        assert (_calls(after, "w4a8_gemv_avx2"), _calls(after, "quantize_rows"),
+        assert (_calls(after, "w4a8_gemv_"), _calls(after, "quantize_rows"),
                 _calls(after, "dequant_matmul_int4_g32")) == ((1, 0, 0) if gemv else (0, 1, 1)), where
         if target.is_gpu:
             continue

@@ -1,5 +1,5 @@
-"""select_gemv_kernels: decode GEMVs on int8 / int4 dequant_matmul kernels take the AVX2 integer GEMV; nothing else
-does."""
+"""select_gemv_kernels: decode GEMVs on int8 / int4 dequant_matmul kernels take the integer GEMV (AVX2; int4 the VNNI
+one where the CPU has it); nothing else does."""
 
 import numpy as np
 import pytest
@@ -35,9 +35,10 @@ def test_decode_gemv_takes_the_integer_kernel_and_computes_the_same(fmt):
     p = SelectGemvKernels(host_cpu())
     after = p(_quantized(w, fmt, [batch, 1], host_cpu()))
     assert p.rewrites == 1
-    assert (_calls(after, f"{fmt.kind}_gemv_avx2"), _calls(after, "dequant_matmul")) == (1, 0)
-    chunk = dequant_gemv.gemv_tiles(fmt, 32, host_cpu().model().cores)[0]
-    panels = dequant_gemv.gemv_weights(quantize(w, fmt), fmt, chunk)[0]
+    plan = dequant_gemv.plan_gemv(fmt, 64, 32, host_cpu().model())
+    assert plan.vnni == (fmt.kind == "int4" and host_cpu().model().int8_dot)
+    assert (_calls(after, plan.name), _calls(after, "dequant_matmul")) == (1, 0)
+    panels = plan.weights(quantize(w, fmt))[0]
     consts = []
     relax.analysis.post_order_visit(after["main"].body, lambda e: consts.append(e) if isinstance(
         e, tvm.ir.GenericConst) else None)
@@ -46,6 +47,25 @@ def test_decode_gemv_takes_the_integer_kernel_and_computes_the_same(fmt):
     vm = relax.VirtualMachine(tvm.compile(after, target=host_cpu().tvm_target()), tvm.cpu())
     got = vm["main"](tvm.runtime.tensor(x)).numpy()
     np.testing.assert_allclose(got, dequant_matmul_reference(x, quantize(w, fmt), fmt), rtol=1e-5, atol=1e-5)
+
+
+def test_int4_takes_the_vnni_gemv_only_on_a_vnni_cpu():
+    """Structure only (the targets are named, not this machine's): int4 on Zen 4 takes int4_gemv_vnni on nibble
+    quads [N/32, K/4, 2, 32]; on Zen 3 int4_gemv_avx2 on pairs; int8 the AVX2 GEMV on both."""
+    w = np.random.default_rng().standard_normal((64, 32)).astype("float32")
+    batch = tvm.tirx.Var("batch", "int64")
+    cases = [("znver4", WeightFormat("int4", 32), "int4_gemv_vnni", (1, 16, 2, 32)),
+             ("znver3", WeightFormat("int4", 32), "int4_gemv_avx2", (1, 32, 2, 16)),
+             ("znver4", WeightFormat("int8"), "int8_gemv_avx2", (1, 32, 32, 2))]
+    for mcpu, fmt, kernel, panels in cases:
+        target = TargetSpec("cpu", "llvm", mcpu=mcpu)
+        after = SelectGemvKernels(target)(_quantized(w, fmt, [batch, 1], target))
+        names = [gv.name_hint for gv in after.functions if "_gemv_" in gv.name_hint]
+        assert names == [kernel], f"{fmt.tag} on {mcpu}: {names}"
+        consts = []
+        relax.analysis.post_order_visit(after["main"].body, lambda e: consts.append(e) if isinstance(
+            e, tvm.ir.GenericConst) else None)
+        assert panels in [c.value.numpy().shape for c in consts], f"{fmt.tag} on {mcpu}"
 
 
 def test_must_not_fire_off_the_decode_shape_or_off_avx2():
