@@ -221,11 +221,17 @@ def test_gate_measures_a_fully_static_model():
     model.ir_version = 9
     module = llmcc.compile(model, quant="int4", max_error=0.05)
     q = module.report["quant"]
-    assert q["calibration"] == "random inputs (1 feeds)"
+    assert q["calibration"] == "random inputs, seed 0 (1 feeds)"
     assert 0 < q["error"] <= 0.05 and all(layer["error"] > 0 for layer in q["layers"])
     x = rng.standard_normal((1, 128)).astype(np.float32)
     want = x @ numpy_helper.to_array(inits[0]) @ numpy_helper.to_array(inits[1]) @ numpy_helper.to_array(inits[2])
     assert relative_error(module.run(x=x)["h3"], want) <= 2 * 0.05
+    # the same model and flags give the same plan (calibration from a fixed seed); --seed draws other inputs
+    again = llmcc.compile(model, quant="int4", max_error=0.05, verify=False).report["quant"]
+    assert (again["estimated_error"], again["layers"]) == (q["estimated_error"], q["layers"])
+    other = llmcc.compile(model, quant="int4", max_error=0.05, verify=False, seed=7).report["quant"]
+    assert other["calibration"] == "random inputs, seed 7 (1 feeds)"
+    assert other["estimated_error"] != q["estimated_error"]
 
 
 @pytest.mark.parametrize("scheme", ["int8", "w8a8"])
