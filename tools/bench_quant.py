@@ -5,10 +5,12 @@ Four parts (issue 5), all on this CPU with the same thread count for every syste
 
 1. GEMV chain: x[1, N] @ W1 @ W2 @ W3 @ W4 (N = 4096, fp32 activations, N(0, 0.02) weights). llmcc fp32 / int8 /
    w8a8 / int4 / w4a8 / int4-g128 vs onnxruntime fp32 / int8 (quantize_dynamic, which quantizes the activations too,
-   as w8a8 does) / int4 (MatMulNBits; with accuracy_level 4 its activations are int8, as w4a8's). A GEMV reads
-   every weight once, so its floor is weight bytes / the read bandwidth measured here (numpy sums over a large array, or the
-   fastest read any system achieved on weights at least 4x the last-level cache, whichever is higher).
-2. Tiny Llama decode step (zoo "llama-decode" at its longest past): the same systems on a whole model.
+   as w8a8 does) / int4 (MatMulNBits; with accuracy_level 4 its activations are int8, as w4a8's); on a CPU with
+   AVX512-VNNI also llmcc int4 on its AVX2 kernel. A GEMV reads every weight once, so its floor is weight bytes / the
+   read bandwidth measured here (numpy sums over a large array, or the fastest read any system achieved on weights at
+   least 4x the last-level cache, whichever is higher).
+2. Tiny Llama decode step (zoo "llama-decode" at its longest past): the same systems on a whole model. Both time
+   every system once per round, for three rounds, and keep its fastest median: the VM drifts over minutes.
 3. all-MiniLM-L6-v2 (real weights): cosine of int8 and w8a8 sentence embeddings vs fp32 on real sentences, and speed.
 4. The accuracy gate: tiny Llama prefill at int4 with max_error 0.05: its error and the layers it kept wider.
 
@@ -41,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-import bench  # tools/bench.py: _median_ms, _cpu_name
+import bench  # noqa: E402  (tools/bench.py: _median_ms, _cpu_name; found through the sys.path line above)
 
 ALL_LAYERS = 1.0  # max_error that lets the gate quantize every layer: speed rows time the raw kernels
 W8A8_EVERY_LAYER = "llmcc w8a8, every layer"
@@ -290,7 +292,19 @@ def gemv_row(system: str, run, x, weight_bytes: int, reference, bandwidth_gbs: f
             "err_vs_fp64": relative_error(run(x=x)["y"], reference), **extra}
 
 
-GEMV_ROUNDS = 3  # every system once per round, the fastest median kept: the VM drifts by up to 1.5x over minutes
+ROUNDS = 3  # every system once per round, the fastest median kept: the VM drifts by up to 1.5x over minutes
+
+
+def fastest_of_rounds(what: str, systems: list[tuple], feed: dict, repeat: int) -> dict[str, tuple[float, int]]:
+    """{system: (ms, runs)}: each (system, run) timed once per round, ROUNDS rounds, its fastest median kept."""
+    best: dict = {}
+    for r in range(ROUNDS):
+        print(f"{what}: round {r + 1} of {ROUNDS} ...", flush=True)
+        for system, run in systems:
+            ms, runs = median_ms(run, feed, repeat)
+            if system not in best or ms < best[system][0]:
+                best[system] = (ms, runs)
+    return best
 
 
 def bench_gemv(n: int, bandwidth_gbs: float, threads: int, repeat: int, workdir: Path) -> list[dict]:
@@ -321,13 +335,7 @@ def bench_gemv(n: int, bandwidth_gbs: float, threads: int, repeat: int, workdir:
                    ort_int4(src, workdir / f"gemv{n}-int4-acc4.onnx", accuracy_level=4))]
     for system, path in ort_models:
         systems.append((system, ort_runner(path, threads), initializer_bytes(path), {}))
-    best: dict = {}
-    for r in range(GEMV_ROUNDS):
-        print(f"gemv {n}: round {r + 1} of {GEMV_ROUNDS} ...", flush=True)
-        for system, run, _, _ in systems:
-            ms, runs = median_ms(run, {"x": x}, repeat)
-            if system not in best or ms < best[system][0]:
-                best[system] = (ms, runs)
+    best = fastest_of_rounds(f"gemv {n}", [(system, run) for system, run, _, _ in systems], {"x": x}, repeat)
     return [gemv_row(system, run, x, stored, reference, bandwidth_gbs, *best[system], **extra)
             for system, run, stored, extra in systems]
 
@@ -343,21 +351,20 @@ def bench_decode(threads: int, repeat: int, workdir: Path, quants: tuple[str, ..
     src = zoo.onnx_path("llama-decode")
     reference = ort_runner(src, threads)(**feed)["logits"]
 
-    def row(system, run, **extra):
-        ms, runs = median_ms(run, feed, repeat)
-        return {"system": system, "ms": ms, "runs": runs, "logits_err": relative_error(run(**feed)["logits"],
-                                                                                       reference), **extra}
-
-    rows = []
+    systems = []  # (name, run, extra)
     for quant in quants:
         print(f"llama-decode: llmcc {quant} ...", flush=True)
         module, compile_s = compile_llmcc(src, quant, None if quant == "none" else ALL_LAYERS)
-        rows.append(row(llmcc_system(quant), module.run, weight_ratio=weight_ratio(module), compile_s=compile_s))
+        systems.append((llmcc_system(quant), module.run,
+                         {"weight_ratio": weight_ratio(module), "compile_s": compile_s}))
     for system, path in [("onnxruntime fp32", src),
                          ("onnxruntime int8 (dynamic)", ort_int8(src, workdir / "decode-int8.onnx")),
                          ("onnxruntime int4 (MatMulNBits)", ort_int4(src, workdir / "decode-int4.onnx"))]:
-        print(f"llama-decode: {system} ...", flush=True)
-        rows.append(row(system, ort_runner(path, threads), weight_ratio=None, compile_s=None))
+        systems.append((system, ort_runner(path, threads), {"weight_ratio": None, "compile_s": None}))
+    best = fastest_of_rounds("llama-decode", [(system, run) for system, run, _ in systems], feed, repeat)
+    rows = [{"system": system, "ms": best[system][0], "runs": best[system][1],
+             "logits_err": relative_error(run(**feed)["logits"], reference), **extra}
+            for system, run, extra in systems]
     return {"past": past, "batch": 1, "rows": rows}
 
 
@@ -486,7 +493,7 @@ def gemv_md(n: int, rows: list[dict], bw: dict) -> list[str]:
         f"## GEMV chain: x[1, {n}] @ W1 @ W2 @ W3 @ W4\n",
         (f"fp32 weights: {fp32['weight_bytes'] / 1e6:.0f} MB / {bw['gbs']:.1f} GB/s = **{fp32['floor_ms']:.2f} ms** "
          f"floor (issue 3's goal, the fp32 chain at >= 80% of measured bandwidth, means <= "
-         f"{fp32['floor_ms'] / 0.8:.2f} ms). Every system once per round, {GEMV_ROUNDS} rounds, the fastest median "
+         f"{fp32['floor_ms'] / 0.8:.2f} ms). Every system once per round, {ROUNDS} rounds, the fastest median "
          f"kept. x floor = time / (weight bytes / measured bandwidth); GB/s read = weight bytes / time; rel err is "
          f"relative (Frobenius) vs a float64 chain.\n"),
         "| system | ms | weight MB | floor ms | x floor | GB/s read | rel err |",
@@ -500,8 +507,8 @@ def decode_md(dec: dict) -> list[str]:
     vs = _vs(dec["rows"], "onnxruntime fp32")
     return [
         f"\n## Tiny Llama decode step (zoo llama-decode, batch {dec['batch']}, past {dec['past']})\n",
-        ("logits rel err is relative (Frobenius) vs onnxruntime fp32; weight ratio = llmcc's stored matmul weight "
-         "bytes / float32.\n"),
+        (f"Every system once per round, {ROUNDS} rounds, the fastest median kept. logits rel err is relative "
+         "(Frobenius) vs onnxruntime fp32; weight ratio = llmcc's stored matmul weight bytes / float32.\n"),
         "| system | ms | vs ORT fp32 | weight ratio | logits rel err |",
         "|---|---|---|---|---|",
         *(f"| {r['system']} | {r['ms']:.3f} | {vs[r['system']]:.2f}x | {_ratio(r['weight_ratio'])} | "
