@@ -24,7 +24,7 @@ two 8-column pair vectors. A block is one quantization group (G/2 pairs); its ze
 int32 through the group's sums of hi and lo: sum (q - z) * hi = sum q * hi - z * sum hi.
 
 Every parallel task owns a contiguous run of panels and splits each row once. Sections: the numpy reference, the
-layouts and the choice of kernel (``plan_gemv``), the TIR kernels, and the int4 kernel for VNNI (three int8 digits
+layouts and the choice of kernel (``plan_gemv``), the TIR kernels, and the int4 kernel for VNNI (four int8 digits
 per activation instead of two int16 parts: see there).
 """
 
@@ -36,7 +36,7 @@ import numpy as np
 
 from llmcc.kernels.dequant_matmul import INT4_KINDS, INT4_PER_WORD, INT8_KINDS, WeightFormat, dequantize
 from llmcc.kernels.w8a8_matmul import (INT8_MAX, QUAD, dot_quads, lane_macros, pack_pairs,
-                                       quantize_rows_reference, unpack_pairs)
+                                       quantize_rows_reference, row_scale, unpack_pairs)
 
 HI_MAX = 32767.0
 LO_SCALE = 32768.0         # lo counts 2^-15 steps of hi
@@ -199,17 +199,14 @@ def dequant_gemv_avx2(fmt: WeightFormat, k: int, n: int, chunk: int, tasks: int)
     return _int4_gemv(k, n, chunk, tasks, fmt.group_size, fmt.symmetric, exact=fmt.kind == "int4")
 
 
-def _split_row(T, exact: bool = True):
+def _split_row(T, k: int, exact: bool = True):
     """The TVMScript macro that splits row m of x into pair-packed (hi, lo) int16 words and its scale; with
     ``exact`` off, hi is x quantized to int8 as ``w8a8_matmul.quantize_rows`` does it, and lo is not written."""
-    top = HI_MAX if exact else INT8_MAX
+    scale_of = row_scale(T, k, HI_MAX if exact else INT8_MAX)
 
     @T.macro
-    def split_row(x, m, k, x_hi, x_lo, scale):
-        scale[0] = T.float32(0)
-        for i in range(k):
-            scale[0] = T.max(scale[0], T.fabs(x[m, i]))
-        scale[0] = T.max(scale[0] / T.float32(top), T.float32(TINY))
+    def split_row(x, m, x_hi, x_lo, scale):
+        scale_of(x, m, scale)
         for kk in range(k // 2):
             v0 = x[m, 2 * kk] / scale[0]
             v1 = x[m, 2 * kk + 1] / scale[0]
@@ -225,13 +222,45 @@ def _split_row(T, exact: bool = True):
     return split_row
 
 
+def _int4_prim_func(int4_rows, nibble_shape: tuple, k: int, n: int, n_groups: int, symmetric: bool):
+    """An int4 GEMV kernel around its TVMScript macro ``int4_rows(x, y, w, s_w, zero, rows)``: ``(x[rows, K] float32,
+    nibbles ``nibble_shape`` uint8, scale[K / G, N][, zero[K / G, N]]) -> y[rows, N] float32``, w the nibbles flat."""
+    from tvm.script import tirx as T
+
+    size = int(np.prod(nibble_shape))
+    if symmetric:
+        @T.prim_func(private=True)
+        def int4_gemv(a: T.handle, q_nibbles: T.Buffer(nibble_shape, "uint8"), s_w: T.Buffer((n_groups, n), "float32"),
+                      y_handle: T.handle):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            rows = T.int64()
+            x = T.match_buffer(a, (rows, k), "float32")
+            y = T.match_buffer(y_handle, (rows, n), "float32")
+            w = T.decl_buffer((size,), "uint8", data=q_nibbles.data)
+            int4_rows(x, y, w, s_w, None, rows)
+
+        return int4_gemv
+
+    @T.prim_func(private=True)
+    def int4_gemv(a: T.handle, q_nibbles: T.Buffer(nibble_shape, "uint8"), s_w: T.Buffer((n_groups, n), "float32"),
+                  zero: T.Buffer((n_groups, n), "float32"), y_handle: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        rows = T.int64()
+        x = T.match_buffer(a, (rows, k), "float32")
+        y = T.match_buffer(y_handle, (rows, n), "float32")
+        w = T.decl_buffer((size,), "uint8", data=q_nibbles.data)
+        int4_rows(x, y, w, s_w, zero, rows)
+
+    return int4_gemv
+
+
 def _int8_gemv(k: int, n: int, chunk: int, tasks: int):
     from tvm.script import tirx as T
 
     k2, vectors, panels = k // 2, chunk // LANES, n // chunk
     per_task, block = panels // tasks, INT8_BLOCK_PAIRS
     blocks = -(-k2 // block)
-    split_row = _split_row(T)
+    split_row = _split_row(T, k)
     fill, madd_into = lane_macros(T)
 
     @T.prim_func(private=True)
@@ -250,7 +279,7 @@ def _int8_gemv(k: int, n: int, chunk: int, tasks: int):
             acc_lo = T.decl_buffer((chunk,), "int32")
             acc = T.decl_buffer((chunk,), "float32")
             for m in range(rows):
-                split_row(x, m, k, x_hi, x_lo, scale)
+                split_row(x, m, x_hi, x_lo, scale)
                 for p in range(per_task):
                     fill(acc, vectors, T.float32(0))
                     for b in range(blocks):
@@ -284,7 +313,7 @@ def _int4_gemv(k: int, n: int, chunk: int, tasks: int, group: int, symmetric: bo
 
     k2, vectors, panels, nibble_groups = k // 2, chunk // LANES, n // chunk, chunk // 16
     per_task, group_pairs, n_groups = panels // tasks, group // 2, k // group
-    split_row = _split_row(T, exact)
+    split_row = _split_row(T, k, exact)
     fill, madd_into = lane_macros(T)
 
     def zero_point(zero, g, col):
@@ -305,7 +334,7 @@ def _int4_gemv(k: int, n: int, chunk: int, tasks: int, group: int, symmetric: bo
             acc_lo = T.decl_buffer((chunk,), "int32")
             acc = T.decl_buffer((chunk,), "float32")
             for m in range(rows):
-                split_row(x, m, k, x_hi, x_lo, scale)
+                split_row(x, m, x_hi, x_lo, scale)
                 for g in range(n_groups):
                     sum_hi[g] = 0
                     sum_lo[g] = 0  # stays 0 without the lo part
@@ -346,18 +375,7 @@ def _int4_gemv(k: int, n: int, chunk: int, tasks: int, group: int, symmetric: bo
                     for j in range(chunk):
                         y[m, (t * per_task + p) * chunk + j] = acc[j] * scale[0]
 
-    if symmetric:
-        @T.prim_func(private=True)
-        def int4_gemv_avx2(a: T.handle, q_nibbles: T.Buffer((panels, k2, nibble_groups, 16), "uint8"),
-                           s_w: T.Buffer((n_groups, n), "float32"), y_handle: T.handle):
-            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-            rows = T.int64()
-            x = T.match_buffer(a, (rows, k), "float32")
-            y = T.match_buffer(y_handle, (rows, n), "float32")
-            w = T.decl_buffer((panels * k2 * chunk,), "uint8", data=q_nibbles.data)
-            int4_rows(x, y, w, s_w, None, rows)
-
-        return int4_gemv_avx2
+    return _int4_prim_func(int4_rows, (panels, k2, nibble_groups, 16), k, n, n_groups, symmetric)
 
     @T.prim_func(private=True)
     def int4_gemv_avx2(a: T.handle, q_nibbles: T.Buffer((panels, k2, nibble_groups, 16), "uint8"),
@@ -380,12 +398,14 @@ def _int4_gemv(k: int, n: int, chunk: int, tasks: int, group: int, symmetric: bo
 # bench/quant.md). The nibbles are the unsigned operand as they are stored (0..15; the zero point comes off through
 # the activations' group sums, as above), and the activations are the signed one: their digits in base 254,
 #
-#     s = max|x| / 127      x / s = d0 + d1 / 254 + d2 / 254^2      |d| <= 127       (digit_rows_reference)
+#     s = max|x| / 127      x / s = d0 + d1 / 254 + d2 / 254^2 + d3 / 254^3      |d| <= 127   (digit_rows_reference)
 #
-# three int8 digits hold x / s to half a step of d2 (2^-24 of max|x|, float32's own rounding of the largest value):
-# weight-only int4 with float32 activations, in three vpdpbusd per weight vector where the pair kernel takes four
-# vpmaddwd. w4a8 is the first digit alone (it is quantize_rows). The weight is in nibble quads,
-# [N/chunk, K/4, chunk/16, 32] uint8: one 32-byte load, masked and shifted, is 16 columns x 4 k.
+# Four int8 digits hold x / s to half a step of d3, s / 2 / 254^3 (2.4e-10 of max|x|): what is left is float32's
+# rounding of x / s itself, as in the pair kernel, so this is weight-only int4 with float32 activations (three
+# digits, 6.1e-8 of max|x|, missed 1e-6 relative on rows with a 50x outlier channel). Per 32 weights that is four
+# vpdpbusd where the pair kernel takes four vpmaddwd and four vpaddd on half the products each. w4a8 is the first
+# digit alone (it is quantize_rows). The weight is in nibble quads, [N/chunk, K/4, chunk/16, 32] uint8: one 32-byte
+# load, masked and shifted, is 16 columns x 4 k.
 
 DIGIT_BASE = 254.0  # |(v - round(v)) * 254| <= 127: each digit fits int8
 
@@ -414,24 +434,19 @@ def dequant_gemv_vnni(fmt: WeightFormat, k: int, n: int, chunk: int, tasks: int)
         raise ValueError(f"dequant GEMV (VNNI): {panels} panels do not split into {tasks} tasks")
     from tvm.script import tirx as T
 
-    digits = 3 if fmt.kind == "int4" else 1
+    digits = 4 if fmt.kind == "int4" else 1
     k4, vectors, panels, nibble_groups = k // QUAD, chunk // LANES, n // chunk, chunk // 16
     per_task, group_quads, n_groups, group = panels // tasks, fmt.group_size // QUAD, k // fmt.group_size, \
         fmt.group_size
+
+    scale_of = row_scale(T, k)
 
     @T.macro
     def digit_row(x, m, words, sums, scale):
         """Row m of x as ``digits`` int8 digits (words: digit i's k quads from i * k4), their sums per group."""
         d = T.decl_buffer((digits * k,), "int8", data=words.data)
-        top = T.decl_buffer((LANES,), "float32")
         v = T.decl_buffer((LANES,), "float32")
-        top[T.ramp(0, 1, LANES)] = T.broadcast(T.float32(0), LANES)
-        for i in range(k // LANES):
-            top[T.ramp(0, 1, LANES)] = T.max(top[T.ramp(0, 1, LANES)], T.fabs(x[m, T.ramp(i * LANES, 1, LANES)]))
-        scale[0] = T.float32(0)
-        for i in range(LANES):
-            scale[0] = T.max(scale[0], top[i])
-        scale[0] = T.max(scale[0] / T.float32(INT8_MAX), T.float32(TINY))
+        scale_of(x, m, scale)
         for i in range(k // LANES):
             v[T.ramp(0, 1, LANES)] = x[m, T.ramp(i * LANES, 1, LANES)] / T.broadcast(scale[0], LANES)
             for j in T.unroll(digits):
@@ -456,7 +471,7 @@ def dequant_gemv_vnni(fmt: WeightFormat, k: int, n: int, chunk: int, tasks: int)
                       - z * T.broadcast(sums[j * n_groups + g], LANES))
 
     def group_sum(dots, sums, g, v, z):
-        """sum_k (q - z) x / s over group g of 8 columns: the digits' sums, weighted 1, 1/254, 1/254^2."""
+        """sum_k (q - z) x / s over group g of 8 columns: the digits' sums, weighted 1, 1/254, 1/254^2..."""
         total = digit_sum(dots, sums, digits - 1, g, v, z)
         for j in range(digits - 2, -1, -1):  # Python, at parse time: Horner from the smallest digit
             total = digit_sum(dots, sums, j, g, v, z) + total * T.broadcast(T.float32(1 / DIGIT_BASE), LANES)
@@ -496,18 +511,7 @@ def dequant_gemv_vnni(fmt: WeightFormat, k: int, n: int, chunk: int, tasks: int)
                     for j in range(chunk):
                         y[m, (t * per_task + p) * chunk + j] = acc[j] * scale[0]
 
-    if fmt.symmetric:
-        @T.prim_func(private=True)
-        def int4_gemv_vnni(a: T.handle, q_nibbles: T.Buffer((panels, k4, nibble_groups, 32), "uint8"),
-                           s_w: T.Buffer((n_groups, n), "float32"), y_handle: T.handle):
-            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-            rows = T.int64()
-            x = T.match_buffer(a, (rows, k), "float32")
-            y = T.match_buffer(y_handle, (rows, n), "float32")
-            w = T.decl_buffer((panels * k4 * chunk * 2,), "uint8", data=q_nibbles.data)
-            int4_rows(x, y, w, s_w, None, rows)
-
-        return int4_gemv_vnni
+    return _int4_prim_func(int4_rows, (panels, k4, nibble_groups, 32), k, n, n_groups, fmt.symmetric)
 
     @T.prim_func(private=True)
     def int4_gemv_vnni(a: T.handle, q_nibbles: T.Buffer((panels, k4, nibble_groups, 32), "uint8"),

@@ -197,6 +197,28 @@ def gemm_pairs_check(k: int, n: int, chunk: int) -> str | None:
     return None
 
 
+def row_scale(T, k: int, top: float = INT8_MAX):
+    """The TVMScript macro ``row_scale(x, m, scale)``: scale[0] = max(max|x[m, :]| / top, TINY), the scale
+    ``quantize_rows`` gives row m of x[rows, K] (bit for bit: a maximum is exact in any order), over 8 lanes."""
+    lanes, vectors = GEMV_LANES, k // GEMV_LANES
+
+    @T.macro
+    def row_scale(x, m, scale):
+        lane_max = T.decl_buffer((lanes,), "float32")
+        lane_max[T.ramp(0, 1, lanes)] = T.broadcast(T.float32(0), lanes)
+        for v in range(vectors):
+            lane_max[T.ramp(0, 1, lanes)] = T.max(lane_max[T.ramp(0, 1, lanes)],
+                                                  T.fabs(x[m, T.ramp(v * lanes, 1, lanes)]))
+        scale[0] = T.float32(0)
+        for i in range(lanes):
+            scale[0] = T.max(scale[0], lane_max[i])
+        for i in range(vectors * lanes, k):
+            scale[0] = T.max(scale[0], T.fabs(x[m, i]))
+        scale[0] = T.max(scale[0] / T.float32(top), T.float32(TINY))
+
+    return row_scale
+
+
 def row_quantizer(T, k: int, dtype: str, offset: int = 0):
     """The TVMScript macro ``quantize_rows(x, rows, words, s_x)`` of the GEMMs: each row of x[rows, K] quantized as
     ``quantize_rows`` does (bit for bit: the same max, division and round-half-even), plus ``offset``, stored as
@@ -204,22 +226,14 @@ def row_quantizer(T, k: int, dtype: str, offset: int = 0):
     consecutive k), its scale into s_x[m]; parallel over rows."""
     lanes, vectors = GEMV_LANES, k // GEMV_LANES
     vector_dtype, int32_vector = f"{dtype}x{lanes}", f"int32x{lanes}"
+    scale_of = row_scale(T, k)
 
     @T.macro
     def quantize_rows(x, rows, words, s_x):
         q = T.decl_buffer((rows * k,), dtype, data=words.data)
         for m in T.parallel(rows):
-            top = T.decl_buffer((lanes,), "float32")
             scale = T.decl_buffer((1,), "float32")
-            top[T.ramp(0, 1, lanes)] = T.broadcast(T.float32(0), lanes)
-            for v in range(vectors):
-                top[T.ramp(0, 1, lanes)] = T.max(top[T.ramp(0, 1, lanes)], T.fabs(x[m, T.ramp(v * lanes, 1, lanes)]))
-            scale[0] = T.float32(0)
-            for i in range(lanes):
-                scale[0] = T.max(scale[0], top[i])
-            for i in range(vectors * lanes, k):
-                scale[0] = T.max(scale[0], T.fabs(x[m, i]))
-            scale[0] = T.max(scale[0] / T.float32(INT8_MAX), T.float32(TINY))
+            scale_of(x, m, scale)
             s_x[m] = scale[0]
             for v in range(vectors):
                 q[T.ramp(m * k + v * lanes, 1, lanes)] = T.Cast(vector_dtype, T.Cast(int32_vector, T.nearbyint(
