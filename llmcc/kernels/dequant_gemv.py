@@ -24,8 +24,8 @@ two 8-column pair vectors. A block is one quantization group (G/2 pairs); its ze
 int32 through the group's sums of hi and lo: sum (q - z) * hi = sum q * hi - z * sum hi.
 
 Every parallel task owns a contiguous run of panels and splits each row once. Sections: the numpy reference, the
-layouts and the choice of kernel (``plan_gemv``), the TIR kernels, and the int4 kernel for VNNI (four int8 digits
-per activation instead of two int16 parts: see there).
+layouts and the choice of kernel (``plan_gemv``), the TIR kernels, and the int4 kernel for VNNI (three int8 digits
+per activation, scaled per group, instead of two int16 parts: see there).
 """
 
 from __future__ import annotations
@@ -102,8 +102,8 @@ def gemv_check(fmt: WeightFormat, k: int, n: int, chunk: int, vnni: bool = False
         return f"{fmt.kind} weights have no integer GEMV" + (" for VNNI" if vnni else "")
     if k % 2:
         return f"K={k} is odd"
-    if vnni and (k % LANES or fmt.group_size % QUAD):
-        return f"K={k} is not a multiple of {LANES}, or the group size {fmt.group_size} of {QUAD}"
+    if vnni and fmt.group_size % LANES:
+        return f"the group size {fmt.group_size} is not a multiple of {LANES}"
     step = 16 if fmt.kind in INT4_KINDS else LANES
     if chunk % step or n % chunk:
         return f"N={n} is not a multiple of the {chunk}-output chunk (a multiple of {step})"
@@ -206,7 +206,7 @@ def _split_row(T, k: int, exact: bool = True):
 
     @T.macro
     def split_row(x, m, x_hi, x_lo, scale):
-        scale_of(x, m, scale)
+        scale_of(x, m, 0, scale, 0)
         for kk in range(k // 2):
             v0 = x[m, 2 * kk] / scale[0]
             v1 = x[m, 2 * kk + 1] / scale[0]
@@ -398,23 +398,29 @@ def _int4_gemv(k: int, n: int, chunk: int, tasks: int, group: int, symmetric: bo
 # bench/quant.md). The nibbles are the unsigned operand as they are stored (0..15; the zero point comes off through
 # the activations' group sums, as above), and the activations are the signed one: their digits in base 254,
 #
-#     s = max|x| / 127      x / s = d0 + d1 / 254 + d2 / 254^2 + d3 / 254^3      |d| <= 127   (digit_rows_reference)
+#     s_g = max|x over group g| / 127      x / s_g = d0 + d1 / 254 + d2 / 254^2      |d| <= 127   (digit_rows_reference)
 #
-# Four int8 digits hold x / s to half a step of d3, s / 2 / 254^3 (2.4e-10 of max|x|): what is left is float32's
-# rounding of x / s itself, as in the pair kernel, so this is weight-only int4 with float32 activations (three
-# digits, 6.1e-8 of max|x|, missed 1e-6 relative on rows with a 50x outlier channel). Per 32 weights that is four
-# vpdpbusd where the pair kernel takes four vpmaddwd and four vpaddd on half the products each. w4a8 is the first
-# digit alone (it is quantize_rows). The weight is in nibble quads, [N/chunk, K/4, chunk/16, 32] uint8: one 32-byte
-# load, masked and shifted, is 16 columns x 4 k.
+# Three int8 digits hold x / s_g to half a step of d2, s_g / 2 / 254^2 (6.1e-8 of the group's max|x|, float32's own
+# rounding of the largest value there): weight-only int4 with float32-grade activations, in three vpdpbusd per 32
+# weights where the pair kernel takes four vpmaddwd and four vpaddd. The scale is the quantization group's, not the
+# row's (one more multiply per group in the epilogue, which applies the weight's group scale anyway): an outlier
+# channel then costs precision in its own group only. With the row's scale, rows with a 50x outlier channel missed
+# 1e-6 relative on some test draws; a fourth digit fixed that too, but a third more vpdpbusd made the kernel
+# compute-bound again (bench_quant's int4 row went from under the floor to over it). w4a8 is one digit with the row's scale: quantize_rows exactly. The weight is in nibble
+# quads, [N/chunk, K/4, chunk/16, 32] uint8: one 32-byte load, masked and shifted, is 16 columns x 4 k.
 
 DIGIT_BASE = 254.0  # |(v - round(v)) * 254| <= 127: each digit fits int8
 
 
-def digit_rows_reference(x: np.ndarray, digits: int) -> tuple[np.ndarray, np.ndarray]:
-    """x[rows, K] float32 -> (d [digits, rows, K] int8, s [rows, 1] float32), as the VNNI kernel splits a row."""
+def digit_rows_reference(x: np.ndarray, digits: int, group: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """x[rows, K] float32 -> (d [digits, rows, K] int8, s [rows, K / group] float32: one scale per ``group`` k, or
+    per row [rows, 1] without one), as the VNNI kernel splits a row."""
     x = np.asarray(x, np.float32)
-    s = np.maximum(np.abs(x).max(axis=-1, keepdims=True) / np.float32(INT8_MAX), np.float32(TINY)).astype(np.float32)
-    v = (x / s).astype(np.float32)
+    rows, k = x.shape
+    span = group or k
+    top = np.abs(x).reshape(rows, k // span, span).max(axis=-1)
+    s = np.maximum(top / np.float32(INT8_MAX), np.float32(TINY)).astype(np.float32)
+    v = (x / np.repeat(s, span, axis=1)).astype(np.float32)
     out = []
     for _ in range(digits):
         d = np.round(v)
@@ -434,21 +440,29 @@ def dequant_gemv_vnni(fmt: WeightFormat, k: int, n: int, chunk: int, tasks: int)
         raise ValueError(f"dequant GEMV (VNNI): {panels} panels do not split into {tasks} tasks")
     from tvm.script import tirx as T
 
-    digits = 4 if fmt.kind == "int4" else 1
+    digits = 3 if fmt.kind == "int4" else 1
     k4, vectors, panels, nibble_groups = k // QUAD, chunk // LANES, n // chunk, chunk // 16
     per_task, group_quads, n_groups, group = panels // tasks, fmt.group_size // QUAD, k // fmt.group_size, \
         fmt.group_size
 
-    scale_of = row_scale(T, k)
+    per_group = digits > 1  # int4: a scale per quantization group; w4a8: quantize_rows' per row
+    scale_of = row_scale(T, group if per_group else k)
 
     @T.macro
-    def digit_row(x, m, words, sums, scale):
-        """Row m of x as ``digits`` int8 digits (words: digit i's k quads from i * k4), their sums per group."""
+    def digit_row(x, m, words, sums, scales):
+        """Row m of x as ``digits`` int8 digits (words: digit i's k quads from i * k4), their scale per group (the
+        row's in every group for w4a8), their sums per group."""
         d = T.decl_buffer((digits * k,), "int8", data=words.data)
         v = T.decl_buffer((LANES,), "float32")
-        scale_of(x, m, scale)
+        if per_group:
+            for g in range(n_groups):
+                scale_of(x, m, g * group, scales, g)
+        else:
+            scale_of(x, m, 0, scales, 0)
+            for g in range(1, n_groups):
+                scales[g] = scales[0]
         for i in range(k // LANES):
-            v[T.ramp(0, 1, LANES)] = x[m, T.ramp(i * LANES, 1, LANES)] / T.broadcast(scale[0], LANES)
+            v[T.ramp(0, 1, LANES)] = x[m, T.ramp(i * LANES, 1, LANES)] / T.broadcast(scales[i * LANES // group], LANES)
             for j in T.unroll(digits):
                 digit = T.nearbyint(v[T.ramp(0, 1, LANES)])
                 d[T.ramp(j * k + i * LANES, 1, LANES)] = T.Cast(f"int8x{LANES}", T.Cast(f"int32x{LANES}", digit))
@@ -482,11 +496,11 @@ def dequant_gemv_vnni(fmt: WeightFormat, k: int, n: int, chunk: int, tasks: int)
         for t in T.parallel(tasks):
             words = T.decl_buffer((digits * k4,), "int32")
             sums = T.decl_buffer((digits * n_groups,), "int32")
-            scale = T.decl_buffer((1,), "float32")
+            scales = T.decl_buffer((n_groups,), "float32")
             dots = T.decl_buffer((digits * chunk,), "int32")
             acc = T.decl_buffer((chunk,), "float32")
             for m in range(rows):
-                digit_row(x, m, words, sums, scale)
+                digit_row(x, m, words, sums, scales)
                 for p in range(per_task):
                     for v in range(vectors):
                         acc[T.ramp(v * LANES, 1, LANES)] = T.broadcast(T.float32(0), LANES)
@@ -507,9 +521,10 @@ def dequant_gemv_vnni(fmt: WeightFormat, k: int, n: int, chunk: int, tasks: int)
                         for v in T.unroll(vectors):
                             col = (t * per_task + p) * chunk + v * LANES
                             acc[T.ramp(v * LANES, 1, LANES)] = acc[T.ramp(v * LANES, 1, LANES)] + s_w[
-                                g, T.ramp(col, 1, LANES)] * group_sum(dots, sums, g, v, zero_point(zero, g, col))
+                                g, T.ramp(col, 1, LANES)] * T.broadcast(scales[g], LANES) * group_sum(
+                                    dots, sums, g, v, zero_point(zero, g, col))
                     for j in range(chunk):
-                        y[m, (t * per_task + p) * chunk + j] = acc[j] * scale[0]
+                        y[m, (t * per_task + p) * chunk + j] = acc[j]
 
     return _int4_prim_func(int4_rows, (panels, k4, nibble_groups, 32), k, n, n_groups, fmt.symmetric)
 

@@ -198,23 +198,24 @@ def gemm_pairs_check(k: int, n: int, chunk: int) -> str | None:
 
 
 def row_scale(T, k: int, top: float = INT8_MAX):
-    """The TVMScript macro ``row_scale(x, m, scale)``: scale[0] = max(max|x[m, :]| / top, TINY), the scale
-    ``quantize_rows`` gives row m of x[rows, K] (bit for bit: a maximum is exact in any order), over 8 lanes."""
+    """The TVMScript macro ``row_scale(x, m, start, out, at)``: out[at] = max(max|x[m, start:start + k]| / top,
+    TINY), the scale ``quantize_rows`` gives row m of x (bit for bit: a maximum is exact in any order) when the span
+    is the whole row, over 8 lanes."""
     lanes, vectors = GEMV_LANES, k // GEMV_LANES
 
     @T.macro
-    def row_scale(x, m, scale):
+    def row_scale(x, m, start, out, at):
         lane_max = T.decl_buffer((lanes,), "float32")
         lane_max[T.ramp(0, 1, lanes)] = T.broadcast(T.float32(0), lanes)
         for v in range(vectors):
             lane_max[T.ramp(0, 1, lanes)] = T.max(lane_max[T.ramp(0, 1, lanes)],
-                                                  T.fabs(x[m, T.ramp(v * lanes, 1, lanes)]))
-        scale[0] = T.float32(0)
+                                                  T.fabs(x[m, T.ramp(start + v * lanes, 1, lanes)]))
+        out[at] = T.float32(0)
         for i in range(lanes):
-            scale[0] = T.max(scale[0], lane_max[i])
+            out[at] = T.max(out[at], lane_max[i])
         for i in range(vectors * lanes, k):
-            scale[0] = T.max(scale[0], T.fabs(x[m, i]))
-        scale[0] = T.max(scale[0] / T.float32(top), T.float32(TINY))
+            out[at] = T.max(out[at], T.fabs(x[m, start + i]))
+        out[at] = T.max(out[at] / T.float32(top), T.float32(TINY))
 
     return row_scale
 
@@ -233,7 +234,7 @@ def row_quantizer(T, k: int, dtype: str, offset: int = 0):
         q = T.decl_buffer((rows * k,), dtype, data=words.data)
         for m in T.parallel(rows):
             scale = T.decl_buffer((1,), "float32")
-            scale_of(x, m, scale)
+            scale_of(x, m, 0, scale, 0)
             s_x[m] = scale[0]
             for v in range(vectors):
                 q[T.ramp(m * k + v * lanes, 1, lanes)] = T.Cast(vector_dtype, T.Cast(int32_vector, T.nearbyint(
