@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from llmcc.kernels.dequant_matmul import INT4_KINDS, INT4_PER_WORD, INT8_KINDS, WeightFormat, dequantize
-from llmcc.kernels.w8a8_matmul import (INT8_MAX, QUAD, dot_quads, lane_macros, pack_pairs,
+from llmcc.kernels.w8a8_matmul import (INT8_MAX, QUAD, dot_macro, lane_macros, pack_pairs,
                                        quantize_rows_reference, row_scale, unpack_pairs)
 
 HI_MAX = 32767.0
@@ -222,6 +222,14 @@ def _split_row(T, k: int, exact: bool = True):
     return split_row
 
 
+def _zero_point(T, zero, g, col):
+    """Group g's zero points of the 8 columns from ``col`` as int32 lanes (symmetric, ``zero`` None: the stored
+    offset 8)."""
+    if zero is None:
+        return T.broadcast(T.int32(8), LANES)
+    return T.Cast("int32x8", zero[g, T.ramp(col, 1, LANES)])
+
+
 def _int4_prim_func(int4_rows, nibble_shape: tuple, k: int, n: int, n_groups: int, symmetric: bool):
     """An int4 GEMV kernel around its TVMScript macro ``int4_rows(x, y, w, s_w, zero, rows)``: ``(x[rows, K] float32,
     nibbles ``nibble_shape`` uint8, scale[K / G, N][, zero[K / G, N]]) -> y[rows, N] float32``, w the nibbles flat."""
@@ -316,12 +324,6 @@ def _int4_gemv(k: int, n: int, chunk: int, tasks: int, group: int, symmetric: bo
     split_row = _split_row(T, k, exact)
     fill, madd_into = lane_macros(T)
 
-    def zero_point(zero, g, col):
-        """The group's zero points of 8 columns as int32 lanes (symmetric: the stored offset 8)."""
-        if zero is None:
-            return T.broadcast(T.int32(8), LANES)
-        return T.Cast("int32x8", zero[g, T.ramp(col, 1, LANES)])
-
     @T.macro
     def int4_rows(x, y, w, s_w, zero, rows):
         for t in T.parallel(tasks):
@@ -363,7 +365,7 @@ def _int4_gemv(k: int, n: int, chunk: int, tasks: int, group: int, symmetric: bo
                                     madd_into(acc_lo, ng * 16 + LANES, w_hi, xl)
                         for v in T.unroll(vectors):
                             col = (t * per_task + p) * chunk + v * LANES
-                            z = zero_point(zero, g, col)
+                            z = _zero_point(T, zero, g, col)
                             group_sum = T.Cast("float32x8", acc_hi[T.ramp(v * LANES, 1, LANES)]
                                                - z * T.broadcast(sum_hi[g], LANES))
                             if exact:
@@ -376,19 +378,6 @@ def _int4_gemv(k: int, n: int, chunk: int, tasks: int, group: int, symmetric: bo
                         y[m, (t * per_task + p) * chunk + j] = acc[j] * scale[0]
 
     return _int4_prim_func(int4_rows, (panels, k2, nibble_groups, 16), k, n, n_groups, symmetric)
-
-    @T.prim_func(private=True)
-    def int4_gemv_avx2(a: T.handle, q_nibbles: T.Buffer((panels, k2, nibble_groups, 16), "uint8"),
-                       s_w: T.Buffer((n_groups, n), "float32"), zero: T.Buffer((n_groups, n), "float32"),
-                       y_handle: T.handle):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        rows = T.int64()
-        x = T.match_buffer(a, (rows, k), "float32")
-        y = T.match_buffer(y_handle, (rows, n), "float32")
-        w = T.decl_buffer((panels * k2 * chunk,), "uint8", data=q_nibbles.data)
-        int4_rows(x, y, w, s_w, zero, rows)
-
-    return int4_gemv_avx2
 
 
 # ----------------------------------------------------------------------------------------- int4 GEMV for AVX512-VNNI
@@ -406,8 +395,9 @@ def _int4_gemv(k: int, n: int, chunk: int, tasks: int, group: int, symmetric: bo
 # row's (one more multiply per group in the epilogue, which applies the weight's group scale anyway): an outlier
 # channel then costs precision in its own group only. With the row's scale, rows with a 50x outlier channel missed
 # 1e-6 relative on some test draws; a fourth digit fixed that too, but a third more vpdpbusd made the kernel
-# compute-bound again (bench_quant's int4 row went from under the floor to over it). w4a8 is one digit with the row's scale: quantize_rows exactly. The weight is in nibble
-# quads, [N/chunk, K/4, chunk/16, 32] uint8: one 32-byte load, masked and shifted, is 16 columns x 4 k.
+# compute-bound again (bench_quant's int4 row went from under the floor to over it). w4a8 is one digit with the
+# row's scale: quantize_rows exactly. The weight is in nibble quads, [N/chunk, K/4, chunk/16, 32] uint8: one 32-byte
+# load, masked and shifted, is 16 columns x 4 k.
 
 DIGIT_BASE = 254.0  # |(v - round(v)) * 254| <= 127: each digit fits int8
 
@@ -441,10 +431,10 @@ def dequant_gemv_vnni(fmt: WeightFormat, k: int, n: int, chunk: int, tasks: int)
     from tvm.script import tirx as T
 
     digits = 3 if fmt.kind == "int4" else 1
-    k4, vectors, panels, nibble_groups = k // QUAD, chunk // LANES, n // chunk, chunk // 16
-    per_task, group_quads, n_groups, group = panels // tasks, fmt.group_size // QUAD, k // fmt.group_size, \
-        fmt.group_size
-
+    k4, vectors, nibble_groups, group = k // QUAD, chunk // LANES, chunk // 16, fmt.group_size
+    per_task, group_quads, n_groups = panels // tasks, group // QUAD, k // group
+    fill, _ = lane_macros(T)
+    dot_into = dot_macro(T)
     per_group = digits > 1  # int4: a scale per quantization group; w4a8: quantize_rows' per row
     scale_of = row_scale(T, group if per_group else k)
 
@@ -473,12 +463,6 @@ def dequant_gemv_vnni(fmt: WeightFormat, k: int, n: int, chunk: int, tasks: int)
                 for i in range(group):
                     sums[j * n_groups + g] = sums[j * n_groups + g] + T.Cast("int32", d[j * k + g * group + i])
 
-    def zero_point(zero, g, col):
-        """The group's zero points of 8 columns as int32 lanes (symmetric: the stored offset 8)."""
-        if zero is None:
-            return T.broadcast(T.int32(8), LANES)
-        return T.Cast("int32x8", zero[g, T.ramp(col, 1, LANES)])
-
     def digit_sum(dots, sums, j, g, v, z):
         """Digit j's exact int32 sum over group g of 8 columns, zero point off, as float32."""
         return T.Cast("float32x8", dots[T.ramp(j * chunk + v * LANES, 1, LANES)]
@@ -502,11 +486,9 @@ def dequant_gemv_vnni(fmt: WeightFormat, k: int, n: int, chunk: int, tasks: int)
             for m in range(rows):
                 digit_row(x, m, words, sums, scales)
                 for p in range(per_task):
-                    for v in range(vectors):
-                        acc[T.ramp(v * LANES, 1, LANES)] = T.broadcast(T.float32(0), LANES)
+                    fill(acc, vectors, T.float32(0))
                     for g in range(n_groups):
-                        for v in range(digits * vectors):
-                            dots[T.ramp(v * LANES, 1, LANES)] = T.broadcast(T.int32(0), LANES)
+                        fill(dots, digits * vectors, T.int32(0))
                         for kq in range(g * group_quads, g * group_quads + group_quads):
                             for ng in T.unroll(nibble_groups):
                                 raw = w[T.ramp((((t * per_task + p) * k4 + kq) * nibble_groups + ng) * 32, 1, 32)]
@@ -514,29 +496,14 @@ def dequant_gemv_vnni(fmt: WeightFormat, k: int, n: int, chunk: int, tasks: int)
                                 w_hi = T.shift_right(raw, T.broadcast(T.uint8(4), 32))
                                 for j in T.unroll(digits):
                                     xb = T.broadcast(words[j * k4 + kq], LANES)
-                                    at = j * chunk + ng * 16
-                                    dots[T.ramp(at, 1, LANES)] = dot_quads(dots[T.ramp(at, 1, LANES)], w_lo, xb)
-                                    dots[T.ramp(at + LANES, 1, LANES)] = dot_quads(
-                                        dots[T.ramp(at + LANES, 1, LANES)], w_hi, xb)
+                                    dot_into(dots, j * chunk + ng * 16, w_lo, xb)
+                                    dot_into(dots, j * chunk + ng * 16 + LANES, w_hi, xb)
                         for v in T.unroll(vectors):
                             col = (t * per_task + p) * chunk + v * LANES
                             acc[T.ramp(v * LANES, 1, LANES)] = acc[T.ramp(v * LANES, 1, LANES)] + s_w[
                                 g, T.ramp(col, 1, LANES)] * T.broadcast(scales[g], LANES) * group_sum(
-                                    dots, sums, g, v, zero_point(zero, g, col))
+                                    dots, sums, g, v, _zero_point(T, zero, g, col))
                     for j in range(chunk):
                         y[m, (t * per_task + p) * chunk + j] = acc[j]
 
     return _int4_prim_func(int4_rows, (panels, k4, nibble_groups, 32), k, n, n_groups, fmt.symmetric)
-
-    @T.prim_func(private=True)
-    def int4_gemv_vnni(a: T.handle, q_nibbles: T.Buffer((panels, k4, nibble_groups, 32), "uint8"),
-                       s_w: T.Buffer((n_groups, n), "float32"), zero: T.Buffer((n_groups, n), "float32"),
-                       y_handle: T.handle):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        rows = T.int64()
-        x = T.match_buffer(a, (rows, k), "float32")
-        y = T.match_buffer(y_handle, (rows, n), "float32")
-        w = T.decl_buffer((panels * k4 * chunk * 2,), "uint8", data=q_nibbles.data)
-        int4_rows(x, y, w, s_w, zero, rows)
-
-    return int4_gemv_vnni

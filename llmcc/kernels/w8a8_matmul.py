@@ -352,6 +352,17 @@ def dot_quads(acc, x_quads, w_quads):
                                    dtype="int32x8")
 
 
+def dot_macro(T):
+    """The TVMScript macro ``dot_into(acc, at, u8_quads, s8_quads)``: one vpdpbusd into the 8 int32 lanes of ``acc``
+    starting at ``at`` (the VNNI kernels here and in dequant_gemv)."""
+
+    @T.macro
+    def dot_into(acc, at, u8_quads, s8_quads):
+        acc[T.ramp(at, 1, GEMV_LANES)] = dot_quads(acc[T.ramp(at, 1, GEMV_LANES)], u8_quads, s8_quads)
+
+    return dot_into
+
+
 def gemm_quads_vnni(k: int, n: int, chunk: int, tile_rows: int = GEMM_QUADS_ROWS):
     """The hand-scheduled TIR kernel ``(x[rows, K] float32, q_quads[N/chunk, K/4, chunk, 4] int8, s_w[N],
     w_sums[N] int32) -> y[rows, N] float32``, rows symbolic, for targets with AVX512-VNNI (and VL). Two parallel
@@ -364,11 +375,8 @@ def gemm_quads_vnni(k: int, n: int, chunk: int, tile_rows: int = GEMM_QUADS_ROWS
 
     k4, panels, strips, lanes, tile = k // QUAD, n // chunk, chunk // GEMM_STRIP, GEMV_LANES, tile_rows
     fill, _ = lane_macros(T)
+    dot_into = dot_macro(T)
     quantize_rows = row_quantizer(T, k, "uint8", 128)  # vpdpbusd's unsigned operand; word kq: k = 4kq .. 4kq + 3
-
-    @T.macro
-    def dot_into(acc, at, x_quads, w_quads):
-        acc[T.ramp(at, 1, lanes)] = dot_quads(acc[T.ramp(at, 1, lanes)], x_quads, w_quads)
 
     @T.prim_func(private=True)
     def w8a8_gemm_vnni(a: T.handle, q_quads: T.Buffer((panels, k4, chunk, QUAD), "int8"),

@@ -259,15 +259,15 @@ def _fake_quantize_rows(model: onnx.ModelProto, node: onnx.NodeProto, prefix: st
 CALIBRATION_SEED = 0
 
 
-def calibration_feeds(proto: onnx.ModelProto, calib: str | Path | None, seed: int | None) -> list[dict]:
-    """The calibration inputs: the user's .npz (one array per model input), or random inputs at two sizes (from
-    ``seed``, else ``CALIBRATION_SEED``)."""
+def calibration_feeds(proto: onnx.ModelProto, calib: str | Path | None, seed: int) -> list[dict]:
+    """The calibration inputs: the user's .npz (one array per model input), or random inputs at two sizes drawn
+    from ``seed``."""
     from llmcc.frontend.onnx_import import graph_signature
     from llmcc.inputs import dim_settings, index_bounds, random_inputs
 
     inputs, _ = graph_signature(proto)
     if calib is None:
-        rng = np.random.default_rng(CALIBRATION_SEED if seed is None else seed)
+        rng = np.random.default_rng(seed)
         bounds = index_bounds(proto)
         settings = dim_settings(inputs)
         # two sizes of the symbolic dims (the larger ones); a fully static model has just the one
@@ -297,10 +297,11 @@ def plan(proto: onnx.ModelProto, scheme: QuantScheme, *, max_error: float | None
     if not budget > 0:
         raise LlmccError(f"--max-error {max_error}: must be a positive relative error")
     layers, skipped = find_layers(proto, quantize_head, quantize_embeddings)
+    seed = CALIBRATION_SEED if seed is None else seed
     feeds = calibration_feeds(proto, calib, seed)
     result = QuantPlan(scheme, budget, [], calibration=feeds, skipped=skipped,
                        calibration_source=str(calib) if calib is not None else
-                       f"random inputs, seed {CALIBRATION_SEED if seed is None else seed}")
+                       f"random inputs, seed {seed}")
     if not layers:
         return result
     sim = _Simulator(proto, layers, feeds)

@@ -21,6 +21,13 @@ def _calls(mod, name_part):
     return sum(1 for gv in mod.functions if name_part in gv.name_hint)
 
 
+def _const_shapes(mod):
+    consts = []
+    relax.analysis.post_order_visit(mod["main"].body, lambda e: consts.append(e) if isinstance(
+        e, tvm.ir.GenericConst) else None)
+    return [c.value.numpy().shape for c in consts]
+
+
 def _quantized(w, fmt, dims, target):
     return QuantizeWeights({fingerprint(w): ("proj", fmt)}, target)(matmul_module(w, dims))
 
@@ -39,10 +46,7 @@ def test_decode_gemv_takes_the_integer_kernel_and_computes_the_same(fmt):
     assert plan.vnni == (fmt.kind == "int4" and host_cpu().model().int8_dot)
     assert (_calls(after, plan.name), _calls(after, "dequant_matmul")) == (1, 0)
     panels = plan.weights(quantize(w, fmt))[0]
-    consts = []
-    relax.analysis.post_order_visit(after["main"].body, lambda e: consts.append(e) if isinstance(
-        e, tvm.ir.GenericConst) else None)
-    assert [c.value.numpy().shape for c in consts if c.value.numpy().shape == panels.shape] == [panels.shape]
+    assert [shape for shape in _const_shapes(after) if shape == panels.shape] == [panels.shape]
     x = rng.standard_normal((3, 1, 64)).astype("float32")
     vm = relax.VirtualMachine(tvm.compile(after, target=host_cpu().tvm_target()), tvm.cpu())
     got = vm["main"](tvm.runtime.tensor(x)).numpy()
@@ -62,10 +66,7 @@ def test_int4_takes_the_vnni_gemv_only_on_a_vnni_cpu():
         after = SelectGemvKernels(target)(_quantized(w, fmt, [batch, 1], target))
         names = [gv.name_hint for gv in after.functions if "_gemv_" in gv.name_hint]
         assert names == [kernel], f"{fmt.tag} on {mcpu}: {names}"
-        consts = []
-        relax.analysis.post_order_visit(after["main"].body, lambda e: consts.append(e) if isinstance(
-            e, tvm.ir.GenericConst) else None)
-        assert panels in [c.value.numpy().shape for c in consts], f"{fmt.tag} on {mcpu}"
+        assert panels in _const_shapes(after), f"{fmt.tag} on {mcpu}"
 
 
 def test_must_not_fire_off_the_decode_shape_or_off_avx2():
